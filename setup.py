@@ -1,0 +1,32 @@
+"""ledgerbc: basecall a nanopore study across a Slurm array, coordinated by one SQLite ledger."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ledgerbc",
+    version="0.1.0",
+    description="Serverless, exactly-once dorado basecalling across Slurm array tasks via a SQLite ledger",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ledgerbc", "ledgerbc.*"]),
+    include_package_data=True,
+    package_data={
+        "ledgerbc": ["slurm_array.sh", "alembic.ini"],
+        "ledgerbc.migrations": ["script.py.mako", "versions/*.py"],
+    },
+    install_requires=[
+        "sqlalchemy>=2.0,<3",
+        "alembic>=1.12,<2",
+        "filelock>=3.12,<5",
+        "click>=8.1,<9",
+        "pod5>=0.3.10,<0.4",
+        "pysam>=0.22,<0.26",
+    ],
+    extras_require={"test": ["pytest>=7.4,<10"]},
+    entry_points={
+        "console_scripts": [
+            "ledgerbc=ledgerbc.cli:main",
+            "ledgerbc-simulated-dorado=ledgerbc.simulated_dorado:main",
+        ]
+    },
+)
