@@ -1,0 +1,313 @@
+"""The batch life cycle (DESIGN §4): claim, heartbeat, publish, fail, release.
+
+Each function is one short transaction under the global lock. The batch id is the fencing token:
+every change to a batch or its files first checks, in the same transaction, that the batch is still
+running and owned by the caller (`_owned`), and refuses with `NotOwner` otherwise. A zombie worker whose
+batch was reclaimed can therefore neither heartbeat, nor publish, nor fail files that moved on.
+"""
+
+import math
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from . import models
+from .errors import IllegalTransition, NotOwner
+from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Batch, Event, Pod5File, Worker
+
+LOOKAHEAD = 2048  # pending rows read per claim: enough to size the batch, cheap on a 1M-file ledger
+
+
+@dataclass
+class ClaimedFile:
+    id: int
+    rel: str
+    size: int
+    read_count: int | None
+    attempts: int
+
+
+@dataclass
+class Claim:
+    batch_id: int
+    worker_id: str
+    files: list[ClaimedFile]
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class FileResult:
+    """The outcome of one file of a batch, as the worker saw it after splitting dorado's output."""
+
+    file_id: int
+    ok: bool
+    reads_pass: int = 0
+    reads_fail: int = 0
+    reads_missing: int = 0
+    bases: int = 0
+    error: str | None = None
+
+
+def _now(ledger) -> float:
+    return ledger.clock()
+
+
+def _event(conn, now, kind, worker_id=None, batch_id=None, file_id=None, message=None):
+    conn.execute(
+        sa.insert(Event).values(
+            ts=now, kind=kind, worker_id=worker_id, batch_id=batch_id, file_id=file_id, message=message
+        )
+    )
+
+
+def _owned(conn, batch_id: int, worker_id: str) -> Batch:
+    """The guard: the batch must be running and owned by `worker_id`."""
+    row = conn.execute(sa.select(Batch.worker_id, Batch.state).where(Batch.id == batch_id)).first()
+    if row is None or row.worker_id != worker_id or row.state != RUNNING:
+        state = "gone" if row is None else f"{row.state}, owner {row.worker_id}"
+        raise NotOwner(f"batch {batch_id} is no longer owned by {worker_id} ({state}): this worker was fenced.")
+    return row
+
+
+# -- workers -----------------------------------------------------------------------------------------
+def register_worker(ledger, worker_id: str, host: str, pid: int, device: str | None) -> None:
+    def txn(conn):
+        now = _now(ledger)
+        values = dict(host=host, pid=pid, device=device, last_seen=now, state="running")
+        updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
+        if updated.rowcount == 0:
+            conn.execute(sa.insert(Worker).values(worker_id=worker_id, started_at=now, batches_done=0, **values))
+        _event(conn, now, "worker-start", worker_id, message=f"{host} pid {pid} {device or ''}".strip())
+
+    ledger.transact(txn)
+
+
+def worker_exited(ledger, worker_id: str, reason: str = "") -> None:
+    def txn(conn):
+        now = _now(ledger)
+        conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(state="exited", last_seen=now))
+        _event(conn, now, "worker-exit", worker_id, message=reason or None)
+
+    ledger.transact(txn)
+
+
+# -- claim -------------------------------------------------------------------------------------------
+def _live_workers(conn, now: float, window: float) -> int:
+    return conn.execute(
+        sa.select(sa.func.count()).select_from(Worker).where(Worker.state == "running", Worker.last_seen >= now - window)
+    ).scalar_one()
+
+
+def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: bool):
+    """Pick the files of the next batch from `pending` (oldest first, (id, size, attempts) rows).
+
+    The target is the configured count or byte size, shrunk toward the end of the run so that the
+    last batches spread over every live worker instead of leaving GPUs idle: each claim takes at most
+    1/(2*workers) of what remains (guided self-scheduling). `exhausted` says `pending` is all there is.
+    A file that already failed once is claimed alone, so a bad file cannot fail its batch-mates again.
+    """
+    if not pending:
+        return []
+    if pending[0].attempts > 0:
+        return [pending[0]]
+    share = 2 * max(1, live_workers)
+    if batch_files is not None:
+        remaining = len(pending)
+        target = batch_files if not exhausted else min(batch_files, math.ceil(remaining / share))
+        key = lambda row: 1  # noqa: E731
+    else:
+        remaining = sum(r.size for r in pending)
+        target = batch_bytes if not exhausted else min(batch_bytes, math.ceil(remaining / share))
+        key = lambda row: row.size  # noqa: E731
+    chosen, total = [], 0
+    for row in pending:
+        if row.attempts > 0:
+            break
+        if chosen and total + key(row) > target:
+            break
+        chosen.append(row)
+        total += key(row)
+        if total >= target:
+            break
+    return chosen
+
+
+def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
+    """Atomically claim the next batch of pending files for `worker_id`; None when nothing is pending."""
+
+    def txn(conn):
+        now = _now(ledger)
+        t = Pod5File
+        pending = conn.execute(
+            sa.select(t.id, t.rel_path, t.size, t.read_count, t.attempts)
+            .where(t.state == PENDING)
+            .order_by(t.id)
+            .limit(LOOKAHEAD)
+        ).all()
+        if not pending:
+            return None
+        live = _live_workers(conn, now, settings.lease + settings.clock_skew)
+        chosen = choose_batch(
+            pending, settings.batch_files, settings.batch_bytes, live, exhausted=len(pending) < LOOKAHEAD
+        )
+        batch_id = conn.execute(
+            sa.insert(Batch).values(
+                worker_id=worker_id, state=RUNNING, claimed_at=now, heartbeat_at=now,
+                n_files=len(chosen), n_bytes=sum(r.size for r in chosen),
+            )
+        ).inserted_primary_key[0]
+        ids = [r.id for r in chosen]
+        moved = conn.execute(
+            sa.update(t).where(t.id.in_(ids), t.state == PENDING).values(state=CLAIMED, batch_id=batch_id)
+        ).rowcount
+        if moved != len(ids):  # the row count proves the claim; anything else is a protocol breach
+            raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(ids)} files.")
+        conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(last_seen=now))
+        return Claim(
+            batch_id, worker_id, [ClaimedFile(r.id, r.rel_path, r.size, r.read_count, r.attempts) for r in chosen]
+        )
+
+    return ledger.transact(txn)
+
+
+# -- while dorado runs --------------------------------------------------------------------------------
+def heartbeat(ledger, batch_id: int, worker_id: str) -> None:
+    """Refresh the lease of a batch; NotOwner if it was reclaimed or released meanwhile."""
+
+    def txn(conn):
+        now = _now(ledger)
+        _owned(conn, batch_id, worker_id)
+        conn.execute(sa.update(Batch).where(Batch.id == batch_id).values(heartbeat_at=now))
+        conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(last_seen=now))
+
+    ledger.transact(txn)
+
+
+def worker_alive(ledger, worker_id: str) -> None:
+    """A worker without a batch (watchman, follower) says it is still there."""
+    ledger.transact(
+        lambda conn: conn.execute(
+            sa.update(Worker).where(Worker.worker_id == worker_id).values(last_seen=_now(ledger), state="running")
+        )
+    )
+
+
+# -- endings -------------------------------------------------------------------------------------------
+def return_files(conn, batch_id: int, ids, error: str | None, count_attempt: bool, max_attempts: int, now: float):
+    """Give claimed files of a batch back: pending again, or failed once past `max_attempts`."""
+    t = Pod5File
+    ids = list(ids)
+    if not ids:
+        return
+    if not count_attempt:
+        moved = conn.execute(
+            sa.update(t).where(t.id.in_(ids), t.batch_id == batch_id, t.state == CLAIMED)
+            .values(state=PENDING, batch_id=None)
+        ).rowcount
+    else:
+        moved = conn.execute(
+            sa.update(t).where(t.id.in_(ids), t.batch_id == batch_id, t.state == CLAIMED)
+            .values(
+                attempts=t.attempts + 1,
+                last_error=error,
+                state=sa.case((t.attempts + 1 >= max_attempts, FAILED), else_=PENDING),
+                batch_id=sa.case((t.attempts + 1 >= max_attempts, t.batch_id), else_=None),
+            )
+        ).rowcount
+    if moved != len(ids):
+        raise IllegalTransition(f"batch {batch_id}: {len(ids) - moved} of its files were not claimed by it.")
+
+
+def _batch_file_ids(conn, batch_id: int) -> list[int]:
+    return list(
+        conn.execute(sa.select(Pod5File.id).where(Pod5File.batch_id == batch_id, Pod5File.state == CLAIMED)).scalars()
+    )
+
+
+def _finish_batch(conn, batch_id, state, now, error=None):
+    conn.execute(
+        sa.update(Batch).where(Batch.id == batch_id, Batch.state == RUNNING)
+        .values(state=state, finished_at=now, error=error)
+    )
+
+
+def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], install, max_attempts: int) -> None:
+    """Publish a finished batch: if still ours, `install()` (the renames into pass/ and fail/) and
+    record every file's outcome, in one transaction. `install` must be idempotent (it may rerun)."""
+
+    def txn(conn):
+        now = _now(ledger)
+        _owned(conn, batch_id, worker_id)
+        install()
+        t = Pod5File
+        good = [r for r in results if r.ok]
+        for r in good:
+            moved = conn.execute(
+                sa.update(t).where(t.id == r.file_id, t.batch_id == batch_id, t.state == CLAIMED).values(
+                    state=DONE, reads_pass=r.reads_pass, reads_fail=r.reads_fail, reads_missing=r.reads_missing,
+                    bases=r.bases, done_at=now, last_error=None,
+                )
+            ).rowcount
+            if moved != 1:
+                raise IllegalTransition(f"file {r.file_id} of batch {batch_id} was not claimed by it.")
+        for r in results:
+            if not r.ok:
+                return_files(conn, batch_id, [r.file_id], r.error, True, max_attempts, now)
+                _event(conn, now, "file-failed", worker_id, batch_id, r.file_id, r.error)
+        _finish_batch(conn, batch_id, models.BATCH_DONE, now)
+        conn.execute(
+            sa.update(Worker).where(Worker.worker_id == worker_id)
+            .values(batches_done=Worker.batches_done + 1, last_seen=now)
+        )
+        _event(conn, now, "batch-done", worker_id, batch_id, message=f"{len(good)}/{len(results)} files done")
+
+    ledger.transact(txn)
+
+
+def fail_batch(ledger, batch_id: int, worker_id: str, error: str, max_attempts: int) -> None:
+    """dorado failed on the whole batch: every file back to pending with attempts+1 (or failed)."""
+
+    def txn(conn):
+        now = _now(ledger)
+        _owned(conn, batch_id, worker_id)
+        return_files(conn, batch_id, _batch_file_ids(conn, batch_id), error, True, max_attempts, now)
+        _finish_batch(conn, batch_id, models.BATCH_FAILED, now, error)
+        _event(conn, now, "batch-failed", worker_id, batch_id, message=error)
+
+    ledger.transact(txn)
+
+
+def release_batch(ledger, batch_id: int, worker_id: str, reason: str) -> None:
+    """Give a batch back at once (SIGTERM, shutdown): its files are pending again, no attempt counted."""
+
+    def txn(conn):
+        now = _now(ledger)
+        _owned(conn, batch_id, worker_id)
+        return_files(conn, batch_id, _batch_file_ids(conn, batch_id), None, False, 0, now)
+        _finish_batch(conn, batch_id, models.RELEASED, now, reason)
+        _event(conn, now, "batch-released", worker_id, batch_id, message=reason)
+
+    ledger.transact(txn)
+
+
+def retry_failed(ledger, rel_paths: list[str] | None) -> int:
+    """Failed files (all, or the named ones) back to pending with a fresh attempt count."""
+
+    def txn(conn):
+        t = Pod5File
+        query = sa.update(t).where(t.state == FAILED)
+        if rel_paths is not None:
+            query = query.where(t.rel_path.in_(rel_paths))
+        # Files that failed admission (never claimed) are re-inspected by the next scan instead.
+        n = conn.execute(
+            query.where(t.read_count.is_not(None)).values(state=PENDING, attempts=0, batch_id=None)
+        ).rowcount
+        n += conn.execute(query.where(t.read_count.is_(None)).values(state=models.WAITING, batch_id=None)).rowcount
+        _event(conn, _now(ledger), "retry", message=f"{n} failed files queued again")
+        return n
+
+    return ledger.transact(txn)
+

@@ -1,0 +1,235 @@
+"""The `ledgerbc` command: parse, call one library function, print. No SQL here.
+
+Every option can also be given as `LEDGERBC_<OPTION>` in the environment (e.g. LEDGERBC_LEDGER).
+Exit codes are those of `ledgerbc.errors` (documented in the README).
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__, errors
+from .units import parse_duration, parse_size
+
+
+def opt(*names, **kwargs):
+    """A click option that can also come from LEDGERBC_<NAME>."""
+    long = next(n for n in names if n.startswith("--"))
+    kwargs.setdefault("envvar", "LEDGERBC_" + long[2:].replace("-", "_").upper())
+    kwargs.setdefault("show_envvar", True)
+    return click.option(*names, **kwargs)
+
+
+ledger_option = opt("--ledger", "ledger_path", type=click.Path(dir_okay=True, path_type=Path),
+                    help="The ledger file (default: $LEDGERBC_LEDGER).")
+
+
+class LedgerGroup(click.Group):
+    """Turns every LedgerError into one `Error: ...` line and its exit code; tracebacks only with --debug."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except errors.LedgerError as exc:
+            if ctx.meta.get("ledgerbc.debug"):
+                traceback.print_exc()
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted.", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # a bug, not bad input: say so in one line, never lose the trace with --debug
+            if ctx.meta.get("ledgerbc.debug"):
+                raise
+            click.echo(
+                f"Error: internal error {type(exc).__name__}: {exc}. Re-run with --debug and report it.", err=True
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ledgerbc")
+@opt("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def cli(ctx, debug):
+    """Basecall every pod5 file of a study exactly once, across Slurm array tasks, with one SQLite ledger."""
+    ctx.meta["ledgerbc.debug"] = debug
+
+
+def open_ledger(ledger_path):
+    from .db import Ledger
+
+    if ledger_path is None:
+        raise errors.BadInput(
+            "no ledger given. Pass --ledger PATH or set LEDGERBC_LEDGER (`ledgerbc init` prints the line)."
+        )
+    return Ledger(ledger_path)
+
+
+def _duration(ctx, param, value):
+    try:
+        return None if value is None else parse_duration(value)
+    except errors.BadInput as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _size(ctx, param, value):
+    try:
+        return None if value is None else parse_size(value)
+    except errors.BadInput as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _progress(label):
+    """A progress callback for long scans: a bar on a terminal, silence otherwise."""
+    if not sys.stderr.isatty():
+        return None, None
+    state = {}
+
+    def update(done, total):
+        if "bar" not in state and total >= 200:
+            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+            state["bar"].__enter__()
+        if "bar" in state:
+            state["bar"].update(done - state.get("n", 0))
+            state["n"] = done
+
+    def close():
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+    return update, close
+
+
+# -- init / scan / status ----------------------------------------------------------------------------
+@cli.command()
+@click.argument("input_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@ledger_option
+@opt("--model", default="hac", show_default=True, help="dorado model name or path.")
+@opt("--batch-files", type=int, default=None, help="Files per batch (instead of --batch-size).")
+@opt("--batch-size", default="20G", show_default=True, callback=_size, help="Bytes of pod5 per batch.")
+@opt("--lease", default="15m", show_default=True, callback=_duration, help="A batch without heartbeat this long is redone.")
+@opt("--heartbeat", default="60s", show_default=True, callback=_duration)
+@opt("--clock-skew", default="60s", show_default=True, callback=_duration, help="Margin for clocks of nodes.")
+@opt("--max-attempts", default=3, show_default=True, type=int)
+@opt("--min-qscore", default=0.0, show_default=True, type=float, help="Reads below go to fail/.")
+@opt("--emit", type=click.Choice(["fastq", "fastq.gz", "bam"]), default="fastq", show_default=True)
+@opt("--dorado", default="dorado", show_default=True, help="The dorado executable.")
+@opt("--dorado-arg", "dorado_args", multiple=True, help="Extra argument for dorado (repeatable).")
+@opt("--models-directory", default=None, help="dorado --models-directory (GPU nodes are often offline).")
+@opt("--batch-timeout", default=None, callback=_duration, help="Kill dorado after this long on one batch.")
+@opt("--settle", default="60s", show_default=True, callback=_duration, help="Follow mode: unchanged this long = complete.")
+def init(input_dir, output_dir, ledger_path, model, batch_files, batch_size, lease, heartbeat, clock_skew,
+         max_attempts, min_qscore, emit, dorado, dorado_args, models_directory, batch_timeout, settle):
+    """Create the ledger for INPUT_DIR's pod5 files, outputs under OUTPUT_DIR, and scan."""
+    from .create import init_ledger
+    from .settings import Settings
+
+    settings = Settings(
+        input_dir=str(input_dir), output_dir=str(output_dir), model=model, batch_files=batch_files,
+        batch_bytes=None if batch_files else batch_size, lease=lease, heartbeat=heartbeat, clock_skew=clock_skew,
+        max_attempts=max_attempts, min_qscore=min_qscore, emit=emit, dorado=dorado, dorado_args=list(dorado_args),
+        models_directory=models_directory, batch_timeout=batch_timeout, settle=settle,
+    )
+    update, close = _progress("scanning")
+    try:
+        path, report, warnings = init_ledger(settings, ledger_path, progress=update)
+    finally:
+        if close:
+            close()
+    for w in warnings + report.warnings:
+        click.echo(f"Warning: {w}", err=True)
+    click.echo(f"ledger created: {path}")
+    click.echo(report.summary())
+    click.echo(f"export LEDGERBC_LEDGER={_shell_quote(path)}")
+
+
+def _shell_quote(path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+@cli.command()
+@ledger_option
+def scan(ledger_path):
+    """Add new complete pod5 files to the ledger (idempotent)."""
+    from .scan import Scanner
+
+    ledger = open_ledger(ledger_path)
+    update, close = _progress("scanning")
+    try:
+        report = Scanner(ledger, ledger.read_settings()).scan(progress=update)
+    finally:
+        if close:
+            close()
+    for w in report.warnings:
+        click.echo(f"Warning: {w}", err=True)
+    click.echo(report.summary())
+
+
+@cli.command()
+@ledger_option
+@opt("--json", "as_json", is_flag=True, help="Machine-readable (schema in the README).")
+@opt("--watch", default=None, callback=_duration, help="Refresh every SECONDS until interrupted.")
+def status(ledger_path, as_json, watch):
+    """Progress, workers, failures and duplicates."""
+    from . import status as status_mod
+
+    ledger = open_ledger(ledger_path)
+    while True:
+        data = status_mod.report(ledger)
+        text = json.dumps(data, indent=2) if as_json else status_mod.render(data)
+        if watch and sys.stdout.isatty():
+            click.clear()
+        click.echo(text)
+        if not watch:
+            return
+        time.sleep(watch)
+
+
+@cli.command()
+@ledger_option
+@opt("--all-failed", is_flag=True, help="Every failed file.")
+@click.argument("files", nargs=-1)
+def retry(ledger_path, all_failed, files):
+    """Queue failed files again (all, or those named by their path relative to INPUT_DIR)."""
+    from .claim import retry_failed
+    from .scan import Scanner
+
+    if not all_failed and not files:
+        raise errors.BadInput("name the files to retry, or pass --all-failed.")
+    ledger = open_ledger(ledger_path)
+    n = retry_failed(ledger, None if all_failed else list(files))
+    report = Scanner(ledger, ledger.read_settings()).scan()  # re-checks files that failed admission
+    click.echo(f"{n} failed files queued again; {report.summary()}")
+
+
+@cli.command()
+@ledger_option
+def upgrade(ledger_path):
+    """Upgrade a ledger written by an older ledgerbc (stop all workers first; a backup is kept)."""
+    from .migrate import upgrade_ledger
+
+    ledger = open_ledger(ledger_path)
+    before, after, backup = upgrade_ledger(ledger)
+    if before == after:
+        click.echo(f"ledger is already at schema {after}")
+    else:
+        click.echo(f"ledger upgraded from schema {before} to {after}; backup at {backup}")
+
+
+def main():
+    cli(prog_name="ledgerbc")
+
+
+if __name__ == "__main__":
+    main()

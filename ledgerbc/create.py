@@ -1,0 +1,72 @@
+"""`ledgerbc init`: check the folders, create the ledger atomically, remember the settings, first scan."""
+
+import os
+from pathlib import Path
+
+from . import db
+from .errors import AlreadyInitialized, BadInput
+from .layout import Layout
+from .scan import Scanner
+from .settings import SETTINGS_FILE, Settings
+
+
+def check_input_dir(path: Path) -> Path:
+    if not path.exists():
+        raise BadInput(f"INPUT_DIR {path} does not exist. Give the folder holding the .pod5 files.")
+    if not path.is_dir():
+        raise BadInput(f"INPUT_DIR {path} is not a folder. Give the folder holding the .pod5 files.")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise BadInput(f"INPUT_DIR {path} is not readable by this user. Fix its permissions (chmod/chgrp).")
+    return path.resolve()
+
+
+def check_output_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create OUTPUT_DIR {path}: {exc.strerror or exc}. Choose a writable folder.") from None
+    if not path.is_dir():
+        raise BadInput(f"OUTPUT_DIR {path} is not a folder.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInput(f"OUTPUT_DIR {path} is not writable by this user. Choose a writable folder.")
+    return path.resolve()
+
+
+def init_ledger(settings: Settings, ledger_path: Path | None = None, progress=None):
+    """Create the ledger for a study and scan INPUT_DIR. Returns (ledger path, scan report, warnings)."""
+    settings.input_dir = str(check_input_dir(Path(settings.input_dir)))
+    settings.output_dir = str(check_output_dir(Path(settings.output_dir)))
+    warnings = settings.validate()
+    layout = Layout(Path(settings.output_dir))
+    ledger_path = Path(ledger_path).absolute() if ledger_path else layout.default_ledger
+    if ledger_path.is_dir():
+        raise BadInput(f"the ledger path {ledger_path} is a folder. Give a file path for --ledger.")
+    if not ledger_path.parent.is_dir():
+        raise BadInput(f"the folder of the ledger path {ledger_path} does not exist.")
+    existing = layout.output / SETTINGS_FILE
+    if ledger_path.exists() or existing.exists():
+        raise AlreadyInitialized(
+            f"{settings.output_dir} already has a ledger ({ledger_path if ledger_path.exists() else existing}). "
+            "Add new files with `ledgerbc scan`, or give another OUTPUT_DIR."
+        )
+    # Build aside, then move into place under the global lock: no reader ever sees half a ledger,
+    # and of two concurrent inits exactly one wins.
+    tmp = ledger_path.with_name(f".{ledger_path.name}.init-{os.getpid()}")
+    try:
+        db.create_ledger_file(tmp, settings)
+        ledger = db.Ledger(ledger_path)
+        with ledger.locked():
+            if ledger_path.exists():
+                raise AlreadyInitialized(
+                    f"another `ledgerbc init` created {ledger_path} first. Use `ledgerbc scan` to add files."
+                )
+            os.replace(tmp, ledger_path)
+            db.fsync_dir(ledger_path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    settings.write_json()
+    for folder in (layout.pass_dir, layout.fail_dir, layout.work, layout.staging_root, layout.logs):
+        folder.mkdir(parents=True, exist_ok=True)
+    report = Scanner(ledger, settings).scan(progress=progress)
+    return ledger_path, report, warnings

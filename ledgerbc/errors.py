@@ -1,0 +1,62 @@
+"""Every error a user can meet: one line saying what happened and which command fixes it.
+
+The CLI prints `Error: <message>` and exits with `exit_code`; the codes are documented in the README.
+"""
+
+
+class LedgerError(Exception):
+    """Base class. `exit_code` is the process exit status the CLI uses."""
+
+    exit_code = 1
+
+
+class BadInput(LedgerError):
+    """Input or output folder, option value or file given by the user is not usable."""
+
+    exit_code = 3
+
+
+class LedgerNotFound(LedgerError):
+    exit_code = 4
+
+
+class LedgerCorrupt(LedgerError):
+    """The ledger file is not a readable SQLite ledger."""
+
+    exit_code = 5
+
+
+class SchemaMismatch(LedgerError):
+    """The ledger was written by an older (upgrade it) or newer (refused) ledgerbc."""
+
+    exit_code = 6
+
+
+class LockTimeout(LedgerError):
+    """The global lock file could not be taken in time."""
+
+    exit_code = 7
+
+
+class UnsafeFilesystem(LedgerError):
+    exit_code = 7
+
+
+class AlreadyInitialized(LedgerError):
+    exit_code = 8
+
+
+class NotOwner(LedgerError):
+    """A worker acted on a batch it no longer owns: it was fenced (reclaimed or released)."""
+
+    exit_code = 9
+
+
+class IllegalTransition(LedgerError):
+    """A state change that the ledger protocol forbids (e.g. finishing a file that is already done)."""
+
+    exit_code = 9
+
+
+class SlurmError(LedgerError):
+    exit_code = 10

@@ -1,0 +1,43 @@
+"""`ledgerbc upgrade`: bring an older ledger to this version's schema, keeping a backup copy."""
+
+import shutil
+
+
+
+from . import db, schema
+from .errors import SchemaMismatch
+
+
+def current_revision(path) -> str | None:
+    engine = db.make_engine(path)
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    finally:
+        engine.dispose()
+
+
+def upgrade_ledger(ledger):
+    """Returns (revision before, revision after, backup path or None)."""
+    with ledger.locked():
+        before = current_revision(ledger.path)
+        if before not in db.KNOWN_REVISIONS:
+            raise SchemaMismatch(
+                f"the ledger {ledger.path} has schema '{before}', newer than this ledgerbc knows. "
+                "Use the ledgerbc version that wrote it."
+            )
+        if before == db.SCHEMA_HEAD:
+            return before, before, None
+        backup = ledger.path.with_name(f"{ledger.path.name}.before-{db.SCHEMA_HEAD}")
+        shutil.copy2(ledger.path, backup)
+        engine = db.make_engine(ledger.path)
+        try:
+            with engine.connect() as conn:
+                schema.upgrade(conn, "head")
+                conn.commit()
+        finally:
+            engine.dispose()
+        return before, current_revision(ledger.path), backup
+
+
+

@@ -1,0 +1,10 @@
+"""Alembic environment: always given a connection by ledgerbc.schema (under the ledger lock)."""
+
+from alembic import context
+
+from ledgerbc.models import Base
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

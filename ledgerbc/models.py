@@ -1,0 +1,121 @@
+"""The ledger's tables. Times are epoch seconds (float) as seen by the process that wrote them.
+
+State machine of a pod5 file (every change goes through `claim.py` or `janitor.py`):
+
+    waiting --(complete)--> pending --claim--> claimed --publish--> done
+                                ^                 |  \\--fail (attempts < max)--> pending
+                                |                 |   \\-fail (attempts >= max)--> failed --retry--> pending
+                                +----release------+
+    duplicate: the same pod5 (file_identifier) under another path; never basecalled.
+"""
+
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# pod5 file states
+WAITING = "waiting"  # seen while following a live run, not complete yet
+PENDING = "pending"
+CLAIMED = "claimed"
+DONE = "done"
+FAILED = "failed"
+DUPLICATE = "duplicate"
+FILE_STATES = (WAITING, PENDING, CLAIMED, DONE, FAILED, DUPLICATE)
+
+# batch states
+RUNNING = "running"
+BATCH_DONE = "done"
+RELEASED = "released"  # given back by its worker (SIGTERM, shutdown): no attempt counted
+RECLAIMED = "reclaimed"  # taken back by a janitor after its lease expired
+BATCH_FAILED = "failed"  # dorado failed on it; its files were retried or failed
+BATCH_STATES = (RUNNING, BATCH_DONE, RELEASED, RECLAIMED, BATCH_FAILED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Setting(Base):
+    """What `init` was given, one JSON value per key."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Pod5File(Base):
+    __tablename__ = "pod5_files"
+    __table_args__ = (Index("ix_pod5_files_state_id", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rel_path: Mapped[str] = mapped_column(Text, unique=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    read_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    file_identifier: Mapped[str | None] = mapped_column(String, nullable=True, index=True)
+    state: Mapped[str] = mapped_column(String)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), nullable=True)
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("pod5_files.id"), nullable=True)
+    reads_pass: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reads_fail: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reads_missing: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bases: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    added_at: Mapped[float] = mapped_column(Float)
+    done_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # follow mode: when size and mtime were last seen to change (settle time counts from here)
+    stable_since: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Batch(Base):
+    """A claim. Its id is the fencing token: AUTOINCREMENT guarantees it is never reused."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_state", "state"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String)
+    state: Mapped[str] = mapped_column(String)
+    claimed_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_files: Mapped[int] = mapped_column(Integer)
+    n_bytes: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String, primary_key=True)
+    host: Mapped[str] = mapped_column(String)
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str | None] = mapped_column(String, nullable=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String)  # running | exited
+    batches_done: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Role(Base):
+    """A singleton job held by one worker at a time (the watchman, the follow-mode scanner)."""
+
+    __tablename__ = "roles"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+
+
+class Event(Base):
+    """Append-only history: claims, publications, failures, reclaims, rebuilds."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String)
+    worker_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    batch_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    file_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -1,0 +1,274 @@
+"""Admitting pod5 files into the ledger (DESIGN §5, §7).
+
+A scan walks INPUT_DIR, looks only at what it does not know yet (or what is still settling), and records
+each file as pending (complete), duplicate (same pod5 `file_identifier` as a known file), failed
+(unreadable, or incomplete outside follow mode) or waiting (follow mode: not complete or not settled).
+Inspection (file I/O) happens outside the ledger lock; recording happens in short transactions.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from . import models, pod5check
+from .models import DONE, DUPLICATE, FAILED, PENDING, WAITING, Pod5File
+
+CHUNK = 500  # rows per transaction: keeps each hold of the global lock short
+
+
+@dataclass
+class Observation:
+    """What a scan saw of one file. `info` when complete and readable, else `error`."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+    info: pod5check.Pod5Info | None = None
+    error: str | None = None
+    incomplete: bool = False  # the error is "not complete yet" (may still be written)
+    writer_busy: bool = False  # a pod5 writer's temporary files are in its folder
+
+
+@dataclass
+class ScanReport:
+    seen: int = 0
+    added: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    waiting: int = 0
+    unchanged: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.seen} pod5 files seen: {self.added} new pending, {self.duplicates} duplicates, "
+            f"{self.failed} failed, {self.waiting} waiting to complete, {self.unchanged} already known"
+        )
+
+
+@dataclass
+class _Known:
+    id: int
+    size: int
+    mtime_ns: int
+    state: str
+    batch_id: int | None
+    stable_since: float | None
+
+
+def walk(input_dir: Path, exclude: Path | None = None, warnings: list | None = None):
+    """Yield (rel, path, stat, busy identifiers of its folder) for every candidate pod5 file.
+
+    Hidden entries (`.x`, MinKNOW's `.<id>.tmp-*`, macOS `._x`) and the `exclude` tree (the output
+    folder when it lies inside the input) are skipped; folder symlinks are not followed (loops).
+    """
+    input_dir = Path(input_dir)
+    stack = [input_dir]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            if warnings is not None:
+                warnings.append(f"cannot read folder {folder}: {exc.strerror or exc}")
+            continue
+        busy = {i for e in entries if (i := pod5check.writer_tmp_identifier(e.name))}
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                if exclude is None or path != exclude:
+                    subdirs.append(path)
+                continue
+            if not entry.name.endswith(".pod5"):
+                continue
+            try:
+                st = entry.stat()  # follows a file symlink: an input folder of links is fine
+            except OSError as exc:
+                if warnings is not None:
+                    warnings.append(f"cannot stat {path}: {exc.strerror or exc}")
+                continue
+            yield path.relative_to(input_dir).as_posix(), path, st, busy
+        stack.extend(reversed(subdirs))
+
+
+def observe(path: Path, rel: str, st, busy: set) -> Observation:
+    """Inspect one file (file I/O, outside the lock)."""
+    obs = Observation(rel=rel, size=st.st_size, mtime_ns=st.st_mtime_ns, writer_busy=bool(busy))
+    try:
+        obs.info = pod5check.inspect(path, st.st_size)
+        if obs.info.file_identifier in busy:
+            obs.info, obs.incomplete = None, True
+            obs.error = "its writer's temporary files are still beside it"
+    except pod5check.NotComplete as exc:
+        obs.error, obs.incomplete = str(exc), True
+    except pod5check.Unreadable as exc:
+        obs.error = str(exc)
+    except OSError as exc:
+        obs.error = f"cannot read it: {exc.strerror or exc}"
+    return obs
+
+
+class Scanner:
+    """Scans one ledger's INPUT_DIR. Keeps what it learnt between scans (follow mode scans often)."""
+
+    def __init__(self, ledger, settings, follow: bool = False, clock=time.time):
+        self.ledger = ledger
+        self.settings = settings
+        self.follow = follow
+        self.clock = clock
+        self._known: dict[str, _Known] = {}
+        self._max_id = 0
+
+    def _refresh_known(self) -> None:
+        def load(conn, after):
+            t = Pod5File
+            return conn.execute(
+                sa.select(t.id, t.rel_path, t.size, t.mtime_ns, t.state, t.batch_id, t.stable_since)
+                .where(t.id > after)
+            ).all()
+
+        def load_unsettled(conn):
+            t = Pod5File
+            return conn.execute(
+                sa.select(t.id, t.rel_path, t.size, t.mtime_ns, t.state, t.batch_id, t.stable_since)
+                .where(t.state.in_((WAITING, FAILED)))
+            ).all()
+
+        rows = self.ledger.transact(load, self._max_id)
+        if self._known:  # states of known rows change (waiting -> pending, retry): refresh those cheaply
+            rows += self.ledger.transact(load_unsettled)
+        for r in rows:
+            self._known[r.rel_path] = _Known(r.id, r.size, r.mtime_ns, r.state, r.batch_id, r.stable_since)
+            self._max_id = max(self._max_id, r.id)
+
+    def _needs_look(self, rel: str, st) -> bool:
+        known = self._known.get(rel)
+        if known is None or known.state == WAITING:
+            return True
+        changed = (known.size, known.mtime_ns) != (st.st_size, st.st_mtime_ns)
+        # A file that failed its admission check (never claimed) is looked at again once it changes.
+        return known.state == FAILED and known.batch_id is None and changed
+
+    def scan(self, progress=None) -> ScanReport:
+        """Walk INPUT_DIR once and record what changed. `progress(done, total)` is called as it goes."""
+        report = ScanReport()
+        self._refresh_known()
+        settings = self.settings
+        output = Path(settings.output_dir).resolve()
+        todo = []
+        for rel, path, st, busy in walk(Path(settings.input_dir), exclude=output, warnings=report.warnings):
+            report.seen += 1
+            if self._needs_look(rel, st):
+                todo.append((rel, path, st, busy))
+            else:
+                report.unchanged += 1
+        observations = []
+        for n, (rel, path, st, busy) in enumerate(todo, 1):
+            observations.append(observe(path, rel, st, busy))
+            if progress:
+                progress(n, len(todo))
+        record(self.ledger, observations, self.follow, settings.settle, self.clock(), report, self._known)
+        return report
+
+
+def record(ledger, observations, follow: bool, settle: float, now: float, report: ScanReport, known: dict):
+    """Write observations to the ledger in short transactions (the scan's only write path)."""
+    for start in range(0, len(observations), CHUNK):
+        chunk = observations[start : start + CHUNK]
+        counts = ledger.transact(_record_chunk, chunk, follow, settle, now, known)
+        for key, value in counts.items():
+            setattr(report, key, getattr(report, key) + value)
+
+
+def _decide(obs: Observation, prior: _Known | None, follow: bool, settle: float, now: float):
+    """(state, error, stable_since) for an observation."""
+    if prior is not None and (prior.size, prior.mtime_ns) == (obs.size, obs.mtime_ns):
+        stable_since = prior.stable_since if prior.stable_since is not None else now
+    else:
+        # New or changed. A file first seen with an old mtime has been stable since then.
+        stable_since = min(now, obs.mtime_ns / 1e9) if prior is None else now
+    if obs.info is not None:
+        if follow and now - stable_since < settle:
+            return WAITING, None, stable_since
+        return PENDING, None, stable_since
+    if not obs.incomplete:
+        return FAILED, obs.error, stable_since
+    if not follow:
+        return FAILED, f"{obs.error}. Run `ledgerbc retry` once it is complete.", stable_since
+    if obs.writer_busy or now - stable_since < settle:
+        return WAITING, obs.error, stable_since
+    return FAILED, f"{obs.error}; unchanged for {now - stable_since:.0f}s, so it will not complete", stable_since
+
+
+def _record_chunk(conn, chunk, follow, settle, now, known):
+    t = Pod5File
+    counts = {"added": 0, "duplicates": 0, "failed": 0, "waiting": 0}
+    decided = [(obs, known.get(obs.rel), *_decide(obs, known.get(obs.rel), follow, settle, now)) for obs in chunk]
+    identifiers = {obs.info.file_identifier for obs, _, state, *_ in decided if state == PENDING}
+    originals = {}
+    if identifiers:
+        originals = dict(
+            conn.execute(
+                sa.select(t.file_identifier, t.id).where(
+                    t.file_identifier.in_(identifiers), t.state != DUPLICATE
+                )
+            ).all()
+        )
+    for obs, prior, state, error, stable_since in decided:
+        values = dict(
+            size=obs.size, mtime_ns=obs.mtime_ns, state=state, last_error=error, stable_since=stable_since,
+            read_count=obs.info.read_count if obs.info else None,
+            file_identifier=obs.info.file_identifier if obs.info else None,
+        )
+        prior_id = prior.id if prior else None
+        if state == PENDING:
+            original = originals.get(obs.info.file_identifier)
+            if original is not None and original != prior_id:
+                values.update(state=DUPLICATE, duplicate_of=original)
+        if prior is None:
+            result = conn.execute(
+                sqlite_insert(t).values(rel_path=obs.rel, attempts=0, added_at=now, **values)
+                .on_conflict_do_nothing(index_elements=["rel_path"])
+            )
+            if result.rowcount == 0:
+                continue  # another scanner recorded it first
+            row_id = result.inserted_primary_key[0]
+        else:
+            # Only rows still waiting or failed-at-admission are ours to change (guarded transition).
+            result = conn.execute(
+                sa.update(t).where(t.id == prior_id, t.state.in_((WAITING, FAILED)), t.batch_id.is_(None))
+                .values(**values)
+            )
+            if result.rowcount == 0:
+                continue
+            row_id = prior_id
+        state = values["state"]
+        if state == PENDING and values["file_identifier"]:
+            originals[values["file_identifier"]] = row_id
+        key = {PENDING: "added", DUPLICATE: "duplicates", FAILED: "failed", WAITING: "waiting"}[state]
+        counts[key] += 1
+        known[obs.rel] = _Known(row_id, obs.size, obs.mtime_ns, state, None, stable_since)
+    if counts["failed"]:
+        conn.execute(
+            sa.insert(models.Event),
+            [
+                {"ts": now, "kind": "admission-failed", "message": f"{obs.rel}: {error}"}
+                for obs, _, state, error, _ in decided
+                if state == FAILED
+            ][:100],
+        )
+    return counts
+
+
+def count_unfinished(conn) -> int:
+    """Files that still need work or may still arrive (follow mode)."""
+    return conn.execute(
+        sa.select(sa.func.count()).select_from(Pod5File).where(Pod5File.state.not_in((DONE, FAILED, DUPLICATE)))
+    ).scalar_one()

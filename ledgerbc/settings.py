@@ -1,0 +1,93 @@
+"""What `init` was given. Stored in the ledger (workers need only its path) and in
+`OUTPUT_DIR/ledgerbc.settings.json` (so that a rebuilt ledger gets them back)."""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInput
+
+SETTINGS_FILE = "ledgerbc.settings.json"
+EMIT_CHOICES = ("fastq", "fastq.gz", "bam")
+
+
+@dataclass
+class Settings:
+    input_dir: str
+    output_dir: str
+    model: str = "hac"
+    batch_files: int | None = None  # fixed file count per batch, or
+    batch_bytes: int | None = 20 * 1024**3  # a byte target per batch (the default)
+    lease: float = 15 * 60
+    heartbeat: float = 60
+    clock_skew: float = 60
+    max_attempts: int = 3
+    min_qscore: float = 0.0
+    emit: str = "fastq"
+    dorado: str = "dorado"
+    dorado_args: list[str] = field(default_factory=list)
+    models_directory: str | None = None
+    batch_timeout: float | None = None  # None: derived from batch size, see run.py
+    settle: float = 60  # follow mode: a file must be unchanged this long before it is admitted
+
+    def validate(self) -> list[str]:
+        """Raise BadInput on impossible values; return warnings for unwise ones."""
+        if self.emit not in EMIT_CHOICES:
+            raise BadInput(f"--emit must be one of {', '.join(EMIT_CHOICES)}, not '{self.emit}'.")
+        if self.max_attempts < 1:
+            raise BadInput("--max-attempts must be at least 1.")
+        if self.batch_files is not None and self.batch_files < 1:
+            raise BadInput("--batch-files must be at least 1.")
+        if self.batch_bytes is not None and self.batch_bytes < 1:
+            raise BadInput("--batch-size must be positive.")
+        if self.heartbeat <= 0 or self.lease <= 0:
+            raise BadInput("--lease and --heartbeat must be positive durations.")
+        if self.heartbeat >= self.lease:
+            raise BadInput(
+                f"--heartbeat ({self.heartbeat:g}s) must be shorter than --lease ({self.lease:g}s), "
+                "or every live batch would look expired."
+            )
+        warnings = []
+        if self.lease < 3 * self.heartbeat:
+            warnings.append("--lease is less than 3 heartbeats: one slow ledger write may expire a live batch.")
+        if self.lease < 120:
+            warnings.append("--lease under 2 minutes is meant for tests; on a cluster use 10m or more.")
+        if self.clock_skew < 5:
+            warnings.append("--clock-skew under 5s: nodes whose clocks drift may lose live batches.")
+        return warnings
+
+    @property
+    def input_path(self) -> Path:
+        return Path(self.input_dir)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Settings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write_json(self) -> Path:
+        """Write the settings beside the outputs, atomically."""
+        path = self.output_path / SETTINGS_FILE
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read_json(cls, output_dir) -> "Settings":
+        path = Path(output_dir) / SETTINGS_FILE
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise BadInput(f"no {SETTINGS_FILE} in {output_dir}. Is this the OUTPUT_DIR given to `ledgerbc init`?") from None
+        except (ValueError, TypeError) as exc:
+            raise BadInput(f"{path} is not valid settings JSON ({exc}).") from None

@@ -1,0 +1,228 @@
+"""dorado BAM -> one output per pod5 file (FASTQ, gzipped FASTQ or BAM) in staging, with read accounting.
+
+dorado tags every record with `fn:Z:<name of the file it read>`: the link name in the batch's
+ASSIGNED dir, which `links` maps back to the input's path relative to INPUT_DIR.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import resource
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pysam
+
+EMITS = {"fastq": "fastq", "fastq.gz": "fastq.gz", "bam": "bam"}
+# samtools fastq drops secondary (0x100) and supplementary (0x800) records: they repeat a read.
+_NOT_PRIMARY = 0x900
+_ERROR_PROB = 10.0 ** (-np.arange(256) / 10.0)
+_COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
+
+
+@dataclass
+class FileOutput:
+    link_name: str            # the fn:Z value (name of the link in the ASSIGNED dir)
+    rel: str                  # input path relative to INPUT_DIR, e.g. "a/b/x.pod5"
+    pass_path: Path | None    # reads with qs >= min_qscore (always written, may be empty)
+    fail_path: Path | None    # the rest; None when there are none
+    reads_pass: int = 0
+    reads_fail: int = 0
+    bases: int = 0
+    parent_ids: set[str] = field(default_factory=set)  # own read id, or the pi:Z parent
+
+
+@dataclass
+class SplitResult:
+    files: dict[str, FileOutput]      # by link name, one per link given
+    foreign: dict[str, int]           # fn values not in the batch -> record count
+    untagged: int                     # records without fn
+
+
+def output_relpath(rel: str, emit: str) -> str:
+    """Output path (relative to pass/ or fail/) for input `rel`: "a/b/x.pod5" -> "a/b/x.fastq"."""
+    if emit not in EMITS:
+        raise ValueError(f"emit must be one of {', '.join(EMITS)}, not {emit!r}")
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or not path.name:
+        raise ValueError(f"not a relative path inside the input folder: {rel!r}")
+    stem = rel[: -len(".pod5")] if rel.lower().endswith(".pod5") else rel
+    return f"{stem}.{EMITS[emit]}"
+
+
+def read_qscore(record: pysam.AlignedSegment) -> float:
+    """The record's `qs` tag, else the mean of its base qualities taken as error probabilities."""
+    try:
+        return float(record.get_tag("qs"))
+    except KeyError:
+        quals = record.query_qualities
+        if not quals:
+            return 0.0
+        mean_error = _ERROR_PROB[np.frombuffer(quals, dtype=np.uint8)].mean()
+        return float(-10.0 * np.log10(mean_error))
+
+
+def fastq_entry(record: pysam.AlignedSegment) -> bytes:
+    """The record as `samtools fastq -T '*'` writes it: `@id<TAB>tags...`, sequence, `+`, qualities."""
+    fields = record.to_string().split("\t")
+    seq = "" if fields[9] == "*" else fields[9]
+    qual = fields[10]
+    if qual == "*":
+        qual = '"' * len(seq)  # samtools fastq's default quality (-v 1) when the BAM has none
+    if record.is_reverse:  # aligned to the reverse strand: give back the read as sequenced
+        seq, qual = seq.translate(_COMPLEMENT)[::-1], qual[::-1]
+    header = "\t".join([fields[0]] + fields[11:])
+    return f"@{header}\n{seq}\n+\n{qual}\n".encode("utf-8", "surrogateescape")
+
+
+class _Writer:
+    """One output file written to a hidden temp name beside its final path, renamed by `publish`."""
+
+    def __init__(self, final: Path, emit: str, template: pysam.AlignmentFile):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.bam = self.raw = self.stream = None
+        if emit == "bam":
+            self.bam = pysam.AlignmentFile(str(self.tmp), "wb", template=template)
+        else:
+            self.raw = open(self.tmp, "wb")
+            self.stream = self.raw
+            if emit == "fastq.gz":
+                self.stream = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,
+                                            compresslevel=6, mtime=0)
+
+    def write(self, record: pysam.AlignedSegment) -> None:
+        if self.bam is not None:
+            self.bam.write(record)
+        else:
+            self.stream.write(fastq_entry(record))
+
+    def close(self) -> None:
+        if self.bam is not None:
+            self.bam.close()
+            with open(self.tmp, "rb") as done:
+                os.fsync(done.fileno())
+        else:
+            if self.stream is not self.raw:
+                self.stream.close()
+            self.raw.flush()
+            os.fsync(self.raw.fileno())
+            self.raw.close()
+
+    def publish(self) -> Path:
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def discard(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _allow_open_files(needed: int) -> None:
+    """Raise the soft open-files limit toward the hard one if a batch needs many writers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
+              min_qscore: float = 0.0) -> SplitResult:
+    """Split dorado's BAM into one pass (and, if needed, one fail) output per link in `links`.
+
+    `links` maps link name (the `fn:Z` value) -> input path relative to INPUT_DIR. Outputs go to
+    `staging_dir/pass/<output_relpath(rel)>` and `staging_dir/fail/...`, each written to a temp
+    name, fsynced and renamed; a pass file is written for every link, empty if no read passed.
+    Records naming a file outside `links` or no file are counted, not written. Reads the BAM
+    once, streaming. Raises OSError/ValueError from pysam if the BAM is unreadable or truncated,
+    leaving no temp files behind.
+    """
+    staging = Path(staging_dir)
+    files = {name: FileOutput(name, rel, None, None) for name, rel in links.items()}
+    targets = {name: output_relpath(rel, emit) for name, rel in links.items()}
+    foreign: dict[str, int] = {}
+    untagged = 0
+    writers: dict[tuple[str, str], _Writer] = {}
+    _allow_open_files(2 * len(links) + 64)
+
+    bam = pysam.AlignmentFile(str(bam_path), "rb", check_sq=False)
+    try:
+        def writer(name: str, kind: str) -> _Writer:
+            key = (name, kind)
+            if key not in writers:
+                writers[key] = _Writer(staging / kind / targets[name], emit, bam)
+            return writers[key]
+
+        for record in bam:
+            try:
+                name = record.get_tag("fn")
+            except KeyError:
+                untagged += 1
+                continue
+            out = files.get(name)
+            if out is None:
+                foreign[name] = foreign.get(name, 0) + 1
+                continue
+            if record.flag & _NOT_PRIMARY:
+                if emit == "bam":  # kept for aligned BAM output, never counted as a read
+                    writer(name, "pass").write(record)
+                continue
+            passed = read_qscore(record) >= min_qscore
+            writer(name, "pass" if passed else "fail").write(record)
+            if passed:
+                out.reads_pass += 1
+            else:
+                out.reads_fail += 1
+            out.bases += record.query_length
+            out.parent_ids.add(record.get_tag("pi") if record.has_tag("pi") else record.query_name)
+
+        for name in files:
+            writer(name, "pass")  # every input gets its pass file, empty if no read passed
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+    finally:
+        bam.close()
+
+    for (name, kind), w in writers.items():
+        if kind == "pass":
+            files[name].pass_path = w.publish()
+        else:
+            files[name].fail_path = w.publish()
+    for name, out in files.items():
+        if out.fail_path is None:  # a stale fail file from an earlier attempt must not survive
+            (staging / "fail" / targets[name]).unlink(missing_ok=True)
+    for folder in {w.final.parent for w in writers.values()}:
+        _fsync_dir(folder)
+    return SplitResult(files=files, foreign=foreign, untagged=untagged)
+
+
+def count_output_reads(path) -> int:
+    """Number of reads in a published output (.fastq, .fastq.gz or .bam; primary records only)."""
+    path = Path(path)
+    if path.name.endswith(".bam"):
+        with pysam.AlignmentFile(str(path), "rb", check_sq=False) as bam:
+            return sum(1 for record in bam if not record.flag & _NOT_PRIMARY)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    lines = 0
+    with opener(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+    return lines // 4

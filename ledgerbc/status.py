@@ -1,0 +1,146 @@
+"""The status report: one read-only transaction, returned as a dict (`--json`) or a text table.
+
+The JSON schema is documented in the README ("status --json") and versioned by its `schema` key.
+"""
+
+import sqlalchemy as sa
+
+from . import models
+from .models import Batch, Pod5File, Worker
+from .units import format_duration, format_size
+
+SCHEMA = "ledgerbc.status/1"
+THROUGHPUT_WINDOW = 600.0  # seconds of recent publications the throughput is measured over
+LIST_LIMIT = 50
+
+
+def collect(conn, now: float, settings) -> dict:
+    t = Pod5File
+    counts = {s: 0 for s in models.FILE_STATES}
+    bytes_by_state = {s: 0 for s in models.FILE_STATES}
+    for state, n, size in conn.execute(
+        sa.select(t.state, sa.func.count(), sa.func.coalesce(sa.func.sum(t.size), 0)).group_by(t.state)
+    ):
+        counts[state], bytes_by_state[state] = n, size
+    done = conn.execute(
+        sa.select(
+            sa.func.coalesce(sa.func.sum(t.reads_pass), 0), sa.func.coalesce(sa.func.sum(t.reads_fail), 0),
+            sa.func.coalesce(sa.func.sum(t.reads_missing), 0), sa.func.coalesce(sa.func.sum(t.bases), 0),
+            sa.func.coalesce(sa.func.sum(t.read_count), 0),
+        ).where(t.state == models.DONE)
+    ).one()
+    reads_total = conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(t.read_count), 0)).where(t.state != models.DUPLICATE)
+    ).scalar_one()
+    recent = conn.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(t.size), 0),
+                  sa.func.coalesce(sa.func.sum(t.read_count), 0), sa.func.min(t.done_at))
+        .where(t.state == models.DONE, t.done_at >= now - THROUGHPUT_WINDOW)
+    ).one()
+    window = max(1.0, now - recent[3]) if recent[0] else None
+    bytes_per_s = recent[1] / window if window else 0.0
+    remaining_bytes = bytes_by_state[models.PENDING] + bytes_by_state[models.CLAIMED] + bytes_by_state[models.WAITING]
+    eta = remaining_bytes / bytes_per_s if bytes_per_s > 0 else None
+
+    workers = [
+        {
+            "worker_id": w.worker_id, "host": w.host, "device": w.device, "state": w.state,
+            "heartbeat_age_s": round(now - w.last_seen, 1), "batches_done": w.batches_done,
+        }
+        for w in conn.execute(sa.select(Worker).order_by(Worker.started_at)).all()
+    ]
+    running = [
+        {
+            "batch_id": b.id, "worker_id": b.worker_id, "files": b.n_files, "bytes": b.n_bytes,
+            "heartbeat_age_s": round(now - b.heartbeat_at, 1), "running_s": round(now - b.claimed_at, 1),
+        }
+        for b in conn.execute(sa.select(Batch).where(Batch.state == models.RUNNING).order_by(Batch.id)).all()
+    ]
+    failed = [
+        {"path": r.rel_path, "attempts": r.attempts, "error": r.last_error}
+        for r in conn.execute(
+            sa.select(t.rel_path, t.attempts, t.last_error).where(t.state == models.FAILED).order_by(t.id).limit(LIST_LIMIT)
+        )
+    ]
+    original = sa.orm.aliased(Pod5File)
+    duplicates = [
+        {"path": r[0], "same_as": r[1]}
+        for r in conn.execute(
+            sa.select(t.rel_path, original.rel_path).join(original, original.id == t.duplicate_of)
+            .where(t.state == models.DUPLICATE).order_by(t.id).limit(LIST_LIMIT)
+        )
+    ]
+    newest = conn.execute(sa.select(sa.func.max(t.added_at))).scalar_one()
+    oldest_unfinished = conn.execute(
+        sa.select(sa.func.min(t.added_at)).where(t.state.in_((models.PENDING, models.CLAIMED, models.WAITING)))
+    ).scalar_one()
+    return {
+        "schema": SCHEMA,
+        "ledger_time": now,
+        "input_dir": settings.input_dir,
+        "output_dir": settings.output_dir,
+        "files": {**counts, "total": sum(counts.values())},
+        "bytes": {"total": sum(bytes_by_state.values()), "done": bytes_by_state[models.DONE], "remaining": remaining_bytes},
+        "reads": {
+            "total": reads_total, "in_done_files": done[4], "pass": done[0], "fail": done[1],
+            "out": done[0] + done[1], "missing": done[2],
+        },
+        "bases_done": done[3],
+        "throughput": {
+            "window_s": THROUGHPUT_WINDOW, "files_per_hour": round(recent[0] / window * 3600, 2) if window else 0.0,
+            "bytes_per_s": round(bytes_per_s, 1), "reads_per_s": round(recent[2] / window, 3) if window else 0.0,
+        },
+        "eta_s": round(eta, 1) if eta is not None else None,
+        "lag_s": round(now - oldest_unfinished, 1) if oldest_unfinished is not None else 0.0,
+        "newest_file_added_at": newest,
+        "workers": workers,
+        "running_batches": running,
+        "failed": failed,
+        "duplicates": duplicates,
+    }
+
+
+def report(ledger) -> dict:
+    settings = ledger.read_settings()
+    return ledger.transact(lambda conn: collect(conn, ledger.clock(), settings))
+
+
+def render(data: dict) -> str:
+    """A terminal table of `report()`."""
+    f, r = data["files"], data["reads"]
+    lines = [
+        f"ledger: {data['output_dir']}  (input {data['input_dir']})",
+        "files:   " + "  ".join(f"{s} {f[s]}" for s in ("pending", "claimed", "done", "failed", "waiting", "duplicate"))
+        + f"  | total {f['total']}",
+        f"data:    {format_size(data['bytes']['done'])} of {format_size(data['bytes']['total'])} basecalled",
+        f"reads:   {r['out']} out ({r['pass']} pass, {r['fail']} fail) from {r['in_done_files']} in done files"
+        + (f", {r['missing']} not returned by dorado" if r["missing"] else "")
+        + f"; {r['total']} reads in all files; {data['bases_done']} bases",
+    ]
+    tp = data["throughput"]
+    eta = format_duration(data["eta_s"]) if data["eta_s"] is not None else "-"
+    lines.append(
+        f"speed:   {format_size(tp['bytes_per_s'])}/s, {tp['files_per_hour']:.1f} files/h (last {tp['window_s'] / 60:.0f} min)"
+        f"  ETA {eta}  behind by {format_duration(data['lag_s'])}"
+    )
+    live = [w for w in data["workers"] if w["state"] == "running"]
+    lines.append(f"workers: {len(live)} running, {len(data['workers']) - len(live)} exited")
+    if live:
+        lines.append(f"  {'worker':<36} {'device':<10} {'heartbeat':>10} {'batches':>8}")
+        for w in live:
+            lines.append(f"  {w['worker_id']:<36} {str(w['device'] or '-'):<10} {w['heartbeat_age_s']:>9.0f}s {w['batches_done']:>8}")
+    if data["running_batches"]:
+        lines.append(f"running batches: {len(data['running_batches'])}")
+        for b in data["running_batches"][:20]:
+            lines.append(
+                f"  batch {b['batch_id']:<8} {b['worker_id']:<36} {b['files']} files  heartbeat {b['heartbeat_age_s']:.0f}s ago"
+            )
+    if data["failed"]:
+        lines.append(f"failed files ({f['failed']}):")
+        for x in data["failed"]:
+            lines.append(f"  {x['path']}  [{x['attempts']} attempts] {x['error']}")
+    if data["duplicates"]:
+        lines.append(f"duplicates ({f['duplicate']}), basecalled once under their first path:")
+        for x in data["duplicates"]:
+            lines.append(f"  {x['path']}  = {x['same_as']}")
+    return "\n".join(lines)
