@@ -215,6 +215,59 @@ def retry(ledger_path, all_failed, files):
 
 @cli.command()
 @ledger_option
+@opt("--worker-id", default=None, help="Default: <array job>_<task>@<host>, or <pid>@<host> off Slurm.")
+@opt("--device", default=None, help="dorado --device, e.g. cuda:0 (default: dorado's own choice).")
+@opt("--follow", is_flag=True, help="Keep scanning for new files while the sequencer writes.")
+@opt("--idle-exit", default=None, callback=_duration, help="With --follow: exit after this long with nothing new.")
+@opt("--max-batches", default=None, type=int, help="Exit after this many batches.")
+@opt("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.pass_context
+def run(ctx, ledger_path, worker_id, device, follow, idle_exit, max_batches, log_level):
+    """The worker loop: claim, basecall, publish, until no work is left. What slurm_array.sh execs."""
+    import logging
+
+    from .layout import WORKER_ID_OK
+    from .run import Worker, WorkerOptions
+
+    if worker_id is not None and not WORKER_ID_OK.match(worker_id):
+        raise errors.BadInput(f"--worker-id '{worker_id}' may only hold letters, digits and . _ @ : + -")
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = Worker(
+        open_ledger(ledger_path),
+        WorkerOptions(worker_id=worker_id, device=device, follow=follow, idle_exit=idle_exit, max_batches=max_batches),
+    )
+    worker.install_signal_handlers()
+    ctx.exit(worker.run())
+
+
+@cli.command()
+@ledger_option
+@opt("--rebuild", is_flag=True, help="Recreate a lost or corrupt ledger from the files on disk.")
+@opt("--input", "input_dir", type=click.Path(path_type=Path), help="With --rebuild: INPUT_DIR.")
+@opt("--output", "output_dir", type=click.Path(path_type=Path), help="With --rebuild: OUTPUT_DIR.")
+@opt("--force", is_flag=True, help="Reclaim every running batch, expired or not (after a cluster-wide crash).")
+def recover(ledger_path, rebuild, input_dir, output_dir, force):
+    """Reclaim expired batches, clean dead work folders, reconcile the ledger with the outputs."""
+    from . import janitor
+
+    if rebuild:
+        from .rebuild import rebuild_ledger
+
+        if not input_dir or not output_dir:
+            raise errors.BadInput("--rebuild needs --input DIR and --output DIR (the folders given to init).")
+        path, lines = rebuild_ledger(input_dir, output_dir, ledger_path)
+        for line in lines:
+            click.echo(line)
+        click.echo(f"ledger rebuilt: {path}")
+        click.echo(f"export LEDGERBC_LEDGER={_shell_quote(path)}")
+        return
+    report = janitor.recover(open_ledger(ledger_path), force=force)
+    for line in report.lines():
+        click.echo(line)
+
+
+@cli.command()
+@ledger_option
 def upgrade(ledger_path):
     """Upgrade a ledger written by an older ledgerbc (stop all workers first; a backup is kept)."""
     from .migrate import upgrade_ledger

@@ -101,7 +101,11 @@ class Ledger:
         self._lock = _flock(self.lock_path)
         self._engine = None
         self._schema_checked = False
-        self.last_contact: float | None = None  # clock() at the end of the last successful transaction
+        # Janitor stall rule: `contact_since` is when this process's current run of uninterrupted ledger
+        # access began; a gap longer than `stall_gap` between successful transactions restarts it.
+        self.last_contact: float | None = None
+        self.contact_since: float | None = None
+        self.stall_gap: float = float("inf")
 
     # -- locking -----------------------------------------------------------------------------
     def locked(self):
@@ -149,7 +153,7 @@ class Ledger:
                         if not self._schema_checked:
                             self._check_schema(conn)
                         result = fn(conn, *args, **kwargs)
-                self.last_contact = self.clock()
+                self._note_contact()
                 return result
             except (sa.exc.OperationalError, sa.exc.DatabaseError, sqlite3.DatabaseError) as exc:
                 kind = _classify(exc)
@@ -176,6 +180,12 @@ class Ledger:
                 raise errors.LedgerError(
                     f"ledger {self.path}: {_short(exc)}. Run `ledgerbc doctor`."
                 ) from None
+
+    def _note_contact(self) -> None:
+        now = self.clock()
+        if self.last_contact is None or now - self.last_contact > self.stall_gap:
+            self.contact_since = now
+        self.last_contact = now
 
     def _get_engine(self):
         if self._engine is None:

@@ -2,9 +2,10 @@
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 LEDGER_NAME = "ledgerbc.db"
+EMITS = ("fastq", "fastq.gz", "bam")
 _ASSIGNED = re.compile(r"^ASSIGNED_(\d+)_(.+)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 WORKER_ID_OK = re.compile(r"^[A-Za-z0-9._@:+-]+$")
@@ -12,6 +13,11 @@ WORKER_ID_OK = re.compile(r"^[A-Za-z0-9._@:+-]+$")
 
 def output_relpath(rel: str, emit: str) -> str:
     """`a/b/x.pod5` -> `a/b/x.fastq` (or `.fastq.gz`, `.bam`): the same name under pass/ and fail/."""
+    if emit not in EMITS:
+        raise ValueError(f"emit must be one of {', '.join(EMITS)}, not {emit!r}")
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or not path.name:
+        raise ValueError(f"not a relative path inside the input folder: {rel!r}")
     stem = rel[: -len(".pod5")] if rel.endswith(".pod5") else rel
     return f"{stem}.{emit}"
 
@@ -67,6 +73,9 @@ class Layout:
             m = _ASSIGNED.match(entry.name)
             if m and entry.is_dir():
                 yield int(m.group(1)), m.group(2), entry
+
+    def assigned_dirs_for(self, batch_id: int) -> list[Path]:
+        return [path for b, _w, path in self.assigned_dirs() if b == batch_id]
 
 
 def link_name(index: int, rel: str) -> str:

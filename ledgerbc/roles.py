@@ -37,3 +37,13 @@ def drop_role(ledger, name: str, worker_id: str) -> None:
 
 def holder(conn, name: str) -> str | None:
     return conn.execute(sa.select(Role.worker_id).where(Role.name == name)).scalar_one_or_none()
+
+
+def drop_role_quietly(ledger, name: str, worker_id: str) -> None:
+    """Best effort on the way out: an unreachable ledger just lets the role expire."""
+    from .errors import LedgerError
+
+    try:
+        drop_role(ledger, name, worker_id)
+    except LedgerError:
+        pass

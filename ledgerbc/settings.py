@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import BadInput
 
 SETTINGS_FILE = "ledgerbc.settings.json"
-EMIT_CHOICES = ("fastq", "fastq.gz", "bam")
+from .layout import EMITS as EMIT_CHOICES
 
 
 @dataclass

@@ -10,12 +10,14 @@ import os
 import resource
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pysam
 
-EMITS = {"fastq": "fastq", "fastq.gz": "fastq.gz", "bam": "bam"}
+from .layout import output_relpath  # noqa: F401  (re-exported: callers split by it)
+
+EMITS = ("fastq", "fastq.gz", "bam")  # also the output file extensions
 # samtools fastq drops secondary (0x100) and supplementary (0x800) records: they repeat a read.
 _NOT_PRIMARY = 0x900
 _ERROR_PROB = 10.0 ** (-np.arange(256) / 10.0)
@@ -39,17 +41,6 @@ class SplitResult:
     files: dict[str, FileOutput]      # by link name, one per link given
     foreign: dict[str, int]           # fn values not in the batch -> record count
     untagged: int                     # records without fn
-
-
-def output_relpath(rel: str, emit: str) -> str:
-    """Output path (relative to pass/ or fail/) for input `rel`: "a/b/x.pod5" -> "a/b/x.fastq"."""
-    if emit not in EMITS:
-        raise ValueError(f"emit must be one of {', '.join(EMITS)}, not {emit!r}")
-    path = PurePosixPath(rel)
-    if path.is_absolute() or ".." in path.parts or not path.name:
-        raise ValueError(f"not a relative path inside the input folder: {rel!r}")
-    stem = rel[: -len(".pod5")] if rel.lower().endswith(".pod5") else rel
-    return f"{stem}.{EMITS[emit]}"
 
 
 def read_qscore(record: pysam.AlignedSegment) -> float:
@@ -151,6 +142,8 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
     once, streaming. Raises OSError/ValueError from pysam if the BAM is unreadable or truncated,
     leaving no temp files behind.
     """
+    if emit not in EMITS:
+        raise ValueError(f"emit must be one of {', '.join(EMITS)}, not {emit!r}")
     staging = Path(staging_dir)
     files = {name: FileOutput(name, rel, None, None) for name, rel in links.items()}
     targets = {name: output_relpath(rel, emit) for name, rel in links.items()}

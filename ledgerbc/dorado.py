@@ -1,0 +1,86 @@
+"""Running dorado (DESIGN §5): an argv list (never a shell), BAM to a file, stderr to the batch log.
+
+dorado has no SIGTERM handler, so stopping it is SIGTERM to its process group, a short grace, then SIGKILL.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from .errors import BadInput
+
+STOP_GRACE = 3.0
+
+
+def build_argv(settings, assigned_dir: Path, device: str | None, executable: str | None = None) -> list[str]:
+    argv = [executable or settings.dorado, "basecaller", settings.model, str(assigned_dir)]
+    if device:
+        argv += ["--device", device]
+    if settings.models_directory:
+        argv += ["--models-directory", settings.models_directory]
+    return argv + list(settings.dorado_args)
+
+
+def find_executable(settings) -> str:
+    """dorado's full path, or a one-line error saying how to provide it."""
+    found = shutil.which(settings.dorado)
+    if not found:
+        raise BadInput(
+            f"dorado executable '{settings.dorado}' not found on PATH. Load it (e.g. `module load dorado`) "
+            "or give its path with `ledgerbc init --dorado PATH`."
+        )
+    return found
+
+
+class DoradoProcess:
+    """One dorado run: started in its own session so the whole process group can be stopped."""
+
+    def __init__(self, argv: list[str], bam_path: Path, log_path: Path, env=None):
+        self.argv = argv
+        self.bam_path = bam_path
+        self.log_path = log_path
+        bam_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(bam_path, "wb") as out, open(log_path, "ab") as err:
+            err.write(("[ledgerbc] running: " + " ".join(_quote(a) for a in argv) + "\n").encode())
+            err.flush()
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True, env=env
+            )
+
+    def poll(self, timeout: float) -> int | None:
+        """Wait up to `timeout` seconds; the exit status, or None while it runs."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float = STOP_GRACE) -> int:
+        if self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            if self.poll(grace) is None:
+                self._signal(signal.SIGKILL)
+        return self.proc.wait()
+
+    def _signal(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def error_lines(log_path: Path, limit: int = 200) -> list[str]:
+    """dorado's `[error]` lines from a batch log (it may exit 0 after skipping a file)."""
+    try:
+        with open(log_path, "r", encoding="utf-8", errors="replace") as fh:
+            return [line.strip() for line in fh if "[error]" in line][:limit]
+    except OSError:
+        return []
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)

@@ -1,0 +1,217 @@
+"""What makes "no server" safe (DESIGN §4): expiry, reclaim, cleanup, reconcile, rebuild.
+
+Expiry never decides correctness (the batch id fences zombies); it only decides when work is redone.
+A janitor inside a long-lived worker reclaims a batch only when the batch's heartbeat is older than
+lease + clock skew AND the janitor itself reached the ledger without a stall for that whole window
+(`Ledger.contact_since`), so a node that was cut off from the filesystem does not come back and
+mass-reclaim live work. `ledgerbc recover` (one-shot) judges by heartbeat age alone.
+"""
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from . import claim, models, split
+from .layout import Layout
+from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File
+
+log = logging.getLogger("ledgerbc.janitor")
+
+
+@dataclass
+class JanitorReport:
+    reclaimed: list[int] = field(default_factory=list)  # batch ids
+    files_returned: int = 0
+    files_found_published: int = 0
+    cleaned: list[str] = field(default_factory=list)
+    reconciled_pending: list[str] = field(default_factory=list)  # done in ledger, output missing
+    reconciled_done: list[str] = field(default_factory=list)  # output on disk, ledger did not know
+
+    def lines(self) -> list[str]:
+        out = [f"reclaimed batch {b}" for b in self.reclaimed]
+        if self.files_returned:
+            out.append(f"{self.files_returned} files of reclaimed batches returned to pending (or failed)")
+        if self.files_found_published:
+            out.append(f"{self.files_found_published} files of reclaimed batches were already published: done")
+        out += [f"removed {c}" for c in self.cleaned]
+        out += [f"output missing, pending again: {r}" for r in self.reconciled_pending]
+        out += [f"output found, marked done: {r}" for r in self.reconciled_done]
+        return out or ["nothing to do"]
+
+
+class Janitor:
+    def __init__(self, ledger, settings):
+        self.ledger = ledger
+        self.settings = settings
+        self.layout = Layout(Path(settings.output_dir))
+        self._last_pass = None
+
+    @property
+    def window(self) -> float:
+        return self.settings.lease + self.settings.clock_skew
+
+    def maybe_run(self) -> JanitorReport | None:
+        """A pass at most once per heartbeat interval: cheap enough to call from every loop turn."""
+        now = time.monotonic()
+        if self._last_pass is not None and now - self._last_pass < self.settings.heartbeat:
+            return None
+        self._last_pass = now
+        return self.run_pass()
+
+    def run_pass(self, one_shot: bool = False, force: bool = False) -> JanitorReport:
+        report = JanitorReport()
+        # Touch the ledger first, so a stall just ended shows up as a fresh contact window.
+        running = self.ledger.transact(_running_batches)
+        now = self.ledger.clock()
+        trusted = one_shot or force or (
+            self.ledger.contact_since is not None and now - self.ledger.contact_since >= self.window
+        )
+        if trusted:
+            expired = [b.id for b in running if force or now - b.heartbeat_at > self.window]
+            for batch_id in expired:
+                reclaim(self.ledger, self.settings, batch_id, report, force=force)
+        cleanup(self.ledger, self.layout, report)
+        return report
+
+
+def _running_batches(conn):
+    return conn.execute(sa.select(Batch.id, Batch.worker_id, Batch.heartbeat_at).where(Batch.state == RUNNING)).all()
+
+
+def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool = False, reason: str | None = None):
+    """Take an expired batch back: files already published are done, the others pending with attempts+1."""
+    layout = Layout(Path(settings.output_dir))
+    window = settings.lease + settings.clock_skew
+
+    def txn(conn):
+        now = ledger.clock()
+        row = conn.execute(sa.select(Batch.worker_id, Batch.heartbeat_at, Batch.state).where(Batch.id == batch_id)).first()
+        # Re-check inside the transaction: the worker may have heartbeaten since we looked.
+        if row is None or row.state != RUNNING or (not force and reason is None and now - row.heartbeat_at <= window):
+            return 0, 0
+        files = conn.execute(
+            sa.select(Pod5File.id, Pod5File.rel_path).where(Pod5File.batch_id == batch_id, Pod5File.state == CLAIMED)
+        ).all()
+        published, others = [], []
+        for f in files:
+            # Its owner renamed outputs into place and died before the commit: the output is complete.
+            (published if layout.pass_path(f.rel_path, settings.emit).exists() else others).append(f)
+        for f in published:
+            _mark_done_from_disk(conn, layout, settings.emit, f.id, f.rel_path, now)
+        why = reason or f"lease expired: worker {row.worker_id} silent for {now - row.heartbeat_at:.0f}s"
+        claim.return_files(conn, batch_id, [f.id for f in others], why, True, settings.max_attempts, now)
+        conn.execute(
+            sa.update(Batch).where(Batch.id == batch_id).values(state=models.RECLAIMED, finished_at=now, error=why)
+        )
+        claim._event(conn, now, "batch-reclaimed", row.worker_id, batch_id, why)
+        return len(others), len(published)
+
+    returned, published = ledger.transact(txn)
+    if returned or published:
+        report.reclaimed.append(batch_id)
+        report.files_returned += returned
+        report.files_found_published += published
+        log.warning("reclaimed batch %s (%d files back, %d already published)", batch_id, returned, published)
+
+
+def _mark_done_from_disk(conn, layout, emit, file_id, rel, now):
+    passed = split.count_output_reads(layout.pass_path(rel, emit))
+    fail_path = layout.fail_path(rel, emit)
+    failed = split.count_output_reads(fail_path) if fail_path.exists() else 0
+    conn.execute(
+        sa.update(Pod5File).where(Pod5File.id == file_id)
+        .values(state=DONE, reads_pass=passed, reads_fail=failed, done_at=now, last_error=None)
+    )
+
+
+def reclaim_own_stale(ledger, settings, worker_id: str) -> list[int]:
+    """At start: batches still running under this worker id belong to a dead earlier incarnation."""
+    running = ledger.transact(_running_batches)
+    report = JanitorReport()
+    for b in running:
+        if b.worker_id == worker_id:
+            reclaim(ledger, settings, b.id, report, reason=f"worker {worker_id} restarted")
+    return report.reclaimed
+
+
+def cleanup(ledger, layout: Layout, report: JanitorReport) -> None:
+    """Remove ASSIGNED folders and staging of batches that are over (never of a running one)."""
+    on_disk = {batch_id: path for batch_id, _w, path in layout.assigned_dirs()}
+    if layout.staging_root.is_dir():
+        for entry in layout.staging_root.iterdir():
+            if entry.name.isdigit():
+                on_disk.setdefault(int(entry.name), None)
+    if not on_disk:
+        return
+    states = dict(
+        ledger.transact(lambda conn: conn.execute(sa.select(Batch.id, Batch.state).where(Batch.id.in_(list(on_disk)))).all())
+    )
+    for batch_id in on_disk:
+        if states.get(batch_id) in (None, RUNNING):
+            continue  # unknown to this ledger (a rebuild will adopt it) or still running
+        for path in (layout.assigned_dirs_for(batch_id) + [layout.staging(batch_id)]):
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                report.cleaned.append(str(path.relative_to(layout.output)))
+
+
+def nothing_left(ledger) -> bool:
+    """No file pending or claimed, no batch running: the run is over (outside follow mode)."""
+
+    def txn(conn):
+        busy = conn.execute(
+            sa.select(sa.func.count()).select_from(Pod5File).where(Pod5File.state.in_((PENDING, CLAIMED)))
+        ).scalar_one()
+        running = conn.execute(sa.select(sa.func.count()).select_from(Batch).where(Batch.state == RUNNING)).scalar_one()
+        return busy == 0 and running == 0
+
+    return ledger.transact(txn)
+
+
+def reconcile(ledger, settings, report: JanitorReport) -> None:
+    """Make the ledger agree with pass/: done without output -> pending; output the ledger missed -> done."""
+    layout = Layout(Path(settings.output_dir))
+    rows = ledger.transact(
+        lambda conn: conn.execute(
+            sa.select(Pod5File.id, Pod5File.rel_path, Pod5File.state, Pod5File.batch_id)
+        ).all()
+    )
+    running = {b.id for b in ledger.transact(_running_batches)}
+    lost, found = [], []
+    for r in rows:
+        exists = layout.pass_path(r.rel_path, settings.emit).exists()
+        if r.state == DONE and not exists:
+            lost.append(r)
+        elif exists and (r.state == PENDING or r.state == models.FAILED or (r.state == CLAIMED and r.batch_id not in running)):
+            found.append(r)
+
+    def txn(conn):
+        now = ledger.clock()
+        for r in lost:
+            conn.execute(
+                sa.update(Pod5File).where(Pod5File.id == r.id, Pod5File.state == DONE)
+                .values(state=PENDING, batch_id=None, reads_pass=None, reads_fail=None, bases=None, done_at=None)
+            )
+        for r in found:
+            _mark_done_from_disk(conn, layout, settings.emit, r.id, r.rel_path, now)
+        if lost or found:
+            claim._event(conn, now, "reconcile", message=f"{len(lost)} lost outputs, {len(found)} found outputs")
+
+    ledger.transact(txn)
+    report.reconciled_pending += [r.rel_path for r in lost]
+    report.reconciled_done += [r.rel_path for r in found]
+
+
+def recover(ledger, force: bool = False) -> JanitorReport:
+    """`ledgerbc recover`: a one-shot janitor pass (heartbeat age alone, or every batch with force), then
+    reconcile the ledger with the outputs on disk."""
+    settings = ledger.read_settings()
+    janitor = Janitor(ledger, settings)
+    report = janitor.run_pass(one_shot=True, force=force)
+    reconcile(ledger, settings, report)
+    return report
+
