@@ -280,6 +280,22 @@ def upgrade(ledger_path):
         click.echo(f"ledger upgraded from schema {before} to {after}; backup at {backup}")
 
 
+@cli.command()
+@opt("--dir", "folder", default="demo-run", show_default=True, type=click.Path(path_type=Path),
+     help="Where the demo's input, output and ledger go.")
+@opt("--workers", default=4, show_default=True, type=int, help="Local worker processes.")
+@opt("--files", default=60, show_default=True, type=int, help="Synthetic pod5 files to add.")
+@opt("--testdata", default=None, type=click.Path(path_type=Path), help="Real pod5 folder to include "
+     "(default: ../shared/testdata/real-pod5 when present).")
+@click.pass_context
+def demo(ctx, folder, workers, files, testdata):
+    """Run the whole thing locally on an embedded dataset (simulated basecalls without dorado)."""
+    from .demo import default_testdata, run_demo
+
+    left = run_demo(folder, workers=workers, files=files, testdata=testdata or default_testdata(), echo=click.echo)
+    ctx.exit(0 if left == 0 else 1)
+
+
 def main():
     cli(prog_name="ledgerbc")
 

@@ -31,6 +31,7 @@ class Settings:
     models_directory: str | None = None
     batch_timeout: float | None = None  # None: derived from batch size, see run.py
     settle: float = 60  # follow mode: a file must be unchanged this long before it is admitted
+    simulated: bool = False  # the demo's stand-in basecaller: outputs are not real basecalls
 
     def validate(self) -> list[str]:
         """Raise BadInput on impossible values; return warnings for unwise ones."""

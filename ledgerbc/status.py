@@ -79,6 +79,7 @@ def collect(conn, now: float, settings) -> dict:
         "ledger_time": now,
         "input_dir": settings.input_dir,
         "output_dir": settings.output_dir,
+        "simulated_basecalls": settings.simulated,
         "files": {**counts, "total": sum(counts.values())},
         "bytes": {"total": sum(bytes_by_state.values()), "done": bytes_by_state[models.DONE], "remaining": remaining_bytes},
         "reads": {
@@ -108,7 +109,8 @@ def report(ledger) -> dict:
 def render(data: dict) -> str:
     """A terminal table of `report()`."""
     f, r = data["files"], data["reads"]
-    lines = [
+    lines = ["SIMULATED BASECALLS (stand-in dorado): sequences are synthetic"] if data.get("simulated_basecalls") else []
+    lines += [
         f"ledger: {data['output_dir']}  (input {data['input_dir']})",
         "files:   " + "  ".join(f"{s} {f[s]}" for s in ("pending", "claimed", "done", "failed", "waiting", "duplicate"))
         + f"  | total {f['total']}",
