@@ -13,6 +13,7 @@ interleave. The old ledger file, if any, is kept beside it as `<name>.replaced-<
 """
 
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -64,8 +65,9 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time):
             os.replace(tmp, ledger_path)
             db.fsync_dir(ledger_path.parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, Path(f"{tmp}.lock")):
+            if leftover.exists():
+                leftover.unlink()
     settings.write_json()
     return ledger_path, lines
 
@@ -123,7 +125,10 @@ def _adopt(conn, layout, settings, input_dir, counts, max_id, now):
             if row is not None and row.state in (PENDING, models.FAILED) and not layout.pass_path(rel, settings.emit).exists():
                 members.append(row)
         if not members:
-            lines.append(f"ASSIGNED_{batch_id}_{worker_id}: nothing left to do in it")
+            # Everything in it is published (its worker died before removing it): nobody will need it.
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(layout.staging(batch_id), ignore_errors=True)
+            lines.append(f"ASSIGNED_{batch_id}_{worker_id}: nothing left to do in it, removed")
             continue
         conn.execute(
             sa.insert(Batch).values(

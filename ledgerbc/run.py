@@ -96,6 +96,9 @@ class Worker:
                 if self.opts.max_batches is not None and self.batches >= self.opts.max_batches:
                     break
                 batch = self._patiently(claim.claim_batch, self.ledger, self.worker_id, self.settings)
+                if batch is not None and self.stop_requested:  # the signal came during the claim
+                    claim.release_batch(self.ledger, batch.batch_id, self.worker_id, "worker stopped by signal")
+                    break
                 if batch is not None:
                     self.process(batch, executable)
                     self.batches += 1
@@ -228,7 +231,12 @@ class Worker:
 
     def _account(self, name, f: claim.ClaimedFile, out: split.FileOutput, errors: list[str]) -> claim.FileResult:
         """Reads in (pod5) against reads out (read id or pi parent) for one file."""
-        ids_in = set(pod5check.read_ids(Path(self.settings.input_dir) / f.rel))
+        try:
+            ids_in = set(pod5check.read_ids(Path(self.settings.input_dir) / f.rel))
+        except Exception as exc:  # damaged or replaced since the scan: this file fails, not its batch-mates
+            said = [e for e in errors if name in e]
+            why = f"; {said[-1]}" if said else ""
+            return claim.FileResult(f.id, False, error=f"pod5 cannot be read any more ({type(exc).__name__}: {exc}){why}")
         extra = out.parent_ids - ids_in
         if extra:
             return claim.FileResult(f.id, False, error=f"dorado returned {len(extra)} reads that are not in this pod5")
