@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,18 @@ class Worker:
             try:
                 return fn(*args)
             except (LedgerNotFound, LedgerCorrupt, LockTimeout) as exc:
-                if time.monotonic() > deadline or self.stop_requested:
+                # A ledger already damaged when the worker starts is reported at once: only a rebuild fixes it.
+                starting_on_corrupt = self.settings is None and isinstance(exc, LedgerCorrupt)
+                if time.monotonic() > deadline or self.stop_requested or starting_on_corrupt:
                     raise
                 log.warning("ledger unavailable (%s); waiting for it", exc)
                 self._nap(min(5.0, max(0.5, self.settings.heartbeat / 4 if self.settings else 1)))
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
+        from .doctor import refuse_unsafe_mount
+
+        refuse_unsafe_mount(self.ledger.path.parent)  # before the first lock: NFS nolock, Lustre localflock...
         self.settings = self._patiently(self.ledger.read_settings)
         self.layout = Layout(Path(self.settings.output_dir))
         executable = dorado.find_executable(self.settings)
@@ -131,7 +137,11 @@ class Worker:
             return False
         ttl = self.settings.lease + self.settings.clock_skew
         if not self._patiently(roles.take_role, self.ledger, roles.WATCHMAN, self.worker_id, ttl):
-            return False  # another worker watches: this GPU can go
+            # The watchman renews its role every few seconds. One that stopped renewing may be dead: stay until
+            # its role expires and take over, or a dead watchman would strand a dead worker's batch.
+            alive = self.settings.heartbeat + self.settings.clock_skew
+            if self._patiently(roles.renewed_within, self.ledger, roles.WATCHMAN, alive):
+                return False  # another worker watches: this GPU can go
         self._patiently(claim.worker_alive, self.ledger, self.worker_id)
         self._nap(min(self.settings.heartbeat, 5.0))
         return True
@@ -141,6 +151,7 @@ class Worker:
         """Basecall one batch; returns 'done', 'failed', 'fenced' or 'stopped'. Never raises for a bad batch."""
         assigned = self.layout.assigned(batch.batch_id, self.worker_id)
         staging = self.layout.staging(batch.batch_id)
+        proc = None
         try:
             links = self._link(batch, assigned)
             proc = dorado.DoradoProcess(
@@ -152,8 +163,16 @@ class Worker:
                 outcome = self._finish(batch, proc, links, staging)
         except NotOwner:
             outcome = "fenced"
-        except LedgerError:
-            raise
+        except (LedgerNotFound, LedgerCorrupt, LockTimeout):
+            if proc is not None:
+                proc.stop()  # giving up on the ledger: dorado (own session) must not outlive the worker
+            raise  # ASSIGNED stays: a rebuild adopts it, and the batch then expires and is redone
+        except LedgerError as exc:  # e.g. IllegalTransition: this batch is broken, the worker is not
+            log.error("batch %s: %s", batch.batch_id, exc)
+            try:
+                outcome = self._fail(batch, f"ledger refused this batch's update: {exc}")
+            except LedgerError:
+                outcome = "failed"  # its lease will expire and a janitor will take it back
         except Exception as exc:  # one bad batch must never kill the worker
             log.exception("batch %s failed", batch.batch_id)
             outcome = self._fail(batch, f"ledgerbc could not process the batch: {type(exc).__name__}: {exc}")
@@ -212,11 +231,15 @@ class Worker:
         if rc != 0:
             detail = f"; {errors[-1]}" if errors else ""
             return self._fail(batch, f"dorado exited with status {rc}{detail} (log {proc.log_path})")
-        result = split.split_bam(
-            proc.bam_path, {name: f.rel for name, f in links.items()}, staging,
-            emit=self.settings.emit, min_qscore=self.settings.min_qscore,
-        )
-        results = [self._account(name, f, result.files[name], errors) for name, f in links.items()]
+        def split_and_account():
+            split_result = split.split_bam(
+                proc.bam_path, {name: f.rel for name, f in links.items()}, staging,
+                emit=self.settings.emit, min_qscore=self.settings.min_qscore,
+            )
+            return split_result, [self._account(name, f, split_result.files[name], errors) for name, f in links.items()]
+
+        # Splitting a large BAM can take minutes: the lease is kept fresh meanwhile.
+        result, results = self._heartbeating(batch, split_and_account)
         if result.foreign or result.untagged:
             log.warning("batch %s: dorado returned %d reads of files not in the batch and %d without fn",
                         batch.batch_id, sum(result.foreign.values()), result.untagged)
@@ -228,6 +251,36 @@ class Worker:
             claim.publish, self.ledger, batch.batch_id, self.worker_id, results, install, self.settings.max_attempts
         )
         return "done"
+
+    def _heartbeating(self, batch, fn):
+        """Run `fn()` in a thread while heartbeating the batch; NotOwner if it was reclaimed meanwhile."""
+        box = {}
+
+        def target():
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # handed to the caller's thread below
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"split-{batch.batch_id}", daemon=True)
+        thread.start()
+        fenced = None
+        next_beat = time.monotonic() + self.settings.heartbeat
+        while thread.is_alive():
+            thread.join(TICK)
+            if thread.is_alive() and fenced is None and time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.settings.heartbeat
+                try:
+                    claim.heartbeat(self.ledger, batch.batch_id, self.worker_id)
+                except NotOwner as exc:
+                    fenced = exc  # let the thread finish (it only writes to staging), then stop
+                except LedgerError as exc:
+                    log.warning("heartbeat of batch %s failed: %s", batch.batch_id, exc)
+        if fenced is not None:
+            raise fenced
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     def _account(self, name, f: claim.ClaimedFile, out: split.FileOutput, errors: list[str]) -> claim.FileResult:
         """Reads in (pod5) against reads out (read id or pi parent) for one file."""
@@ -266,11 +319,12 @@ def publish_outputs(layout: Layout, emit: str, result: split.SplitResult, ok_ids
         out = result.files[name]
         final_pass = layout.pass_path(f.rel, emit)
         final_fail = layout.fail_path(f.rel, emit)
-        _install(out.pass_path, final_pass, touched)
         if out.fail_path is not None:
             _install(out.fail_path, final_fail, touched)
         elif final_fail.exists():
             final_fail.unlink()  # left by an earlier attempt that published and then lost its batch
+        # pass/ last: a pass/ file marks its input done (reclaim, rebuild), so its fail/ part must be in place.
+        _install(out.pass_path, final_pass, touched)
     for folder in touched:
         from .db import fsync_dir
 

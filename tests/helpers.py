@@ -1,0 +1,359 @@
+"""Shared helpers for the worker end-to-end tests: real `ledgerbc` subprocesses, the stand-in dorado on
+PATH, and checks that compare the read ids in the pod5 inputs with the read ids in the published outputs."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pod5
+import pysam
+import pytest
+import sqlalchemy as sa
+
+from ledgerbc import models
+from ledgerbc.db import Ledger
+from ledgerbc.testing import install_fake_dorado
+
+REAL_POD5 = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-pod5"
+SMALL_LEASE = ["--lease", "20s", "--heartbeat", "1s", "--clock-skew", "2s"]
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def ledgerbc_argv() -> list[str]:
+    """The installed `ledgerbc` console script of this interpreter's environment (else `python -m`)."""
+    script = Path(sys.executable).with_name("ledgerbc")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ledgerbc.cli"]
+
+
+# -- a study under tmp_path ------------------------------------------------------------------------------
+class Study:
+    """INPUT_DIR, OUTPUT_DIR, the stand-in dorado on PATH and the worker processes of one test."""
+
+    def __init__(self, tmp_path: Path):
+        self.root = tmp_path
+        self.input = tmp_path / "input"
+        self.output = tmp_path / "output"
+        self.ledger_path = self.output / "ledgerbc.db"
+        self.cwd = tmp_path / "cwd"  # where workers run: a `$(touch pwned)` that got executed lands here
+        self.cwd.mkdir()
+        self.input.mkdir()
+        self.bin = tmp_path / "bin"
+        install_fake_dorado(self.bin)
+        self.procs: list[subprocess.Popen] = []
+        self._logs = []
+
+    # environment of every subprocess: no LEDGERBC_* leaking in from the developer's shell
+    def env(self, **extra) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
+        env["PATH"] = str(self.bin) + os.pathsep + env.get("PATH", "")
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def cli(self, *args, env=None, check=True, timeout=120) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            ledgerbc_argv() + [str(a) for a in args], cwd=self.cwd, env=env or self.env(),
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if check:
+            assert proc.returncode == 0, f"ledgerbc {args[0]} exited {proc.returncode}: {proc.stderr}"
+        return proc
+
+    def init(self, *options) -> subprocess.CompletedProcess:
+        return self.cli("init", self.input, self.output, *SMALL_LEASE, *options)
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.ledger_path)
+
+    def start_worker(self, worker_id: str, *options, **env) -> subprocess.Popen:
+        log = open(self.root / f"worker-{worker_id}.log", "wb")
+        self._logs.append(log)
+        proc = subprocess.Popen(
+            ledgerbc_argv() + ["run", "--ledger", str(self.ledger_path), "--worker-id", worker_id, *options],
+            cwd=self.cwd, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
+        )
+        proc.worker_id = worker_id
+        self.procs.append(proc)
+        return proc
+
+    def worker_log(self, worker_id: str) -> str:
+        return (self.root / f"worker-{worker_id}.log").read_text(errors="replace")
+
+    def wait_workers(self, procs=None, timeout: float = 120) -> dict[str, int]:
+        """Wait for the workers to exit; {worker id: exit status}. Fails (with their logs) on timeout."""
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for proc in procs or self.procs:
+            try:
+                codes[proc.worker_id] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"worker {proc.worker_id} still running after {timeout}s:\n"
+                            + self.worker_log(proc.worker_id)[-3000:])
+        return codes
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json", "--ledger", self.ledger_path).stdout)
+
+    def dorado_while(self, flag: Path, once: bool = False, **knobs) -> None:
+        """Make `dorado` on PATH apply the stand-in's `knobs` (LEDGERBC_SIM_*) only while `flag` exists
+        (and remove the flag on first use with `once`): one slow, hanging... batch among normal ones."""
+        stand_in = self.bin / "dorado-stand-in"
+        (self.bin / "dorado").rename(stand_in)
+        exports = "".join(f"{k}={shlex.quote(str(v))}; export {k}; " for k, v in knobs.items())
+        remove = f"rm -f {shlex.quote(str(flag))}; " if once else ""
+        script = self.bin / "dorado"
+        script.write_text(
+            "#!/bin/sh\n"
+            f"if [ -e {shlex.quote(str(flag))} ]; then {remove}{exports}fi\n"
+            f'exec {shlex.quote(str(stand_in))} "$@"\n'
+        )
+        script.chmod(0o755)
+
+    def dorado_running(self, timeout: float = 30):
+        """Wait for the one running batch and its stand-in dorado to start; (batch row, dorado pid)."""
+        running = wait_for(lambda: running_batches(self.ledger), timeout, "a running batch")
+        assert len(running) == 1
+        log = self.output / "logs" / f"{running[0].id}.log"
+        wait_for(lambda: log.exists() and "[info] Running:" in log.read_text(errors="replace"), timeout,
+                 "the stand-in dorado to start")
+        pids = wait_for(self.dorado_pids, timeout, "the stand-in's process")
+        assert len(pids) == 1
+        return running[0], pids[0]
+
+    def published(self) -> list[Path]:
+        return [p for kind in ("pass", "fail") for p in (self.output / kind).rglob("*") if p.is_file()]
+
+    def dorado_pids(self) -> list[int]:
+        """Stand-in dorado processes working in this study's folders."""
+        return [pid for pid, cmd in _processes() if "simulated_dorado" in cmd and str(self.root) + os.sep in cmd]
+
+    def close(self) -> None:
+        for proc in self.procs:  # only the processes this test started, by their pid
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        for pid in self.dorado_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for log in self._logs:
+            log.close()
+
+
+@pytest.fixture
+def study(tmp_path):
+    s = Study(tmp_path)
+    yield s
+    s.close()
+
+
+def _processes():
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            yield int(entry.name), cmd
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def copy_real_pod5(dest: Path) -> None:
+    shutil.copytree(REAL_POD5, dest)
+    for path in [dest, *dest.rglob("*")]:  # the shared copy is read-only
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+# -- the ledger, as the test sees it ----------------------------------------------------------------------
+def query(ledger: Ledger, statement):
+    return ledger.transact(lambda conn: conn.execute(statement).all())
+
+
+def files_by_rel(ledger: Ledger) -> dict:
+    return {r.rel_path: r for r in query(ledger, sa.select(models.Pod5File))}
+
+
+def batch(ledger: Ledger, batch_id: int):
+    return query(ledger, sa.select(models.Batch).where(models.Batch.id == batch_id))[0]
+
+
+def running_batches(ledger: Ledger) -> list:
+    return query(ledger, sa.select(models.Batch).where(models.Batch.state == models.RUNNING))
+
+
+def events(ledger: Ledger, kind: str | None = None, batch_id: int | None = None) -> list:
+    stmt = sa.select(models.Event).order_by(models.Event.id)
+    if kind is not None:
+        stmt = stmt.where(models.Event.kind == kind)
+    if batch_id is not None:
+        stmt = stmt.where(models.Event.batch_id == batch_id)
+    return query(ledger, stmt)
+
+
+# -- pod5 in, reads out -----------------------------------------------------------------------------------
+def pod5_read_ids(path) -> list[str]:
+    with pod5.Reader(Path(path)) as reader:
+        return [str(read_id) for read_id in reader.read_ids]
+
+
+@dataclass
+class Record:
+    read_id: str
+    tags: dict[str, str]  # tag -> "T:value", as samtools prints it
+    sequence: str
+    qualities: str
+
+    @property
+    def parent(self) -> str:
+        return self.tags["pi"][2:] if "pi" in self.tags else self.read_id
+
+    @property
+    def qscore(self) -> float:
+        return float(self.tags["qs"][2:])
+
+
+def read_fastq(path: Path) -> list[Record]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        lines = fh.read().decode("utf-8", "surrogateescape").split("\n")
+    assert lines[-1] == "" and (len(lines) - 1) % 4 == 0, f"{path} is not whole FASTQ"
+    records = []
+    for i in range(0, len(lines) - 1, 4):
+        header, seq, plus, qual = lines[i : i + 4]
+        assert header.startswith("@") and plus == "+" and len(seq) == len(qual), f"bad FASTQ record in {path}"
+        read_id, *tags = header[1:].split("\t")
+        records.append(Record(read_id, {t[:2]: t[3:] for t in tags}, seq, qual))
+    return records
+
+
+def read_bam(path: Path) -> list[Record]:
+    with pysam.AlignmentFile(str(path), "rb", check_sq=False) as bam:
+        records = []
+        for r in bam:
+            fields = r.to_string().split("\t")
+            records.append(Record(fields[0], {t[:2]: t[3:] for t in fields[11:]}, fields[9], fields[10]))
+        return records
+
+
+def read_output(path: Path) -> list[Record]:
+    return read_bam(path) if path.name.endswith(".bam") else read_fastq(path)
+
+
+@dataclass
+class Outputs:
+    """Every published output under pass/ and fail/, by the input (rel path ending in .pod5) it belongs to."""
+
+    passed: dict[str, list[Record]] = field(default_factory=dict)
+    failed: dict[str, list[Record]] = field(default_factory=dict)
+
+    def records(self, rel: str) -> list[Record]:
+        return self.passed.get(rel, []) + self.failed.get(rel, [])
+
+    @property
+    def n_pass(self) -> int:
+        return sum(map(len, self.passed.values()))
+
+    @property
+    def n_fail(self) -> int:
+        return sum(map(len, self.failed.values()))
+
+
+def collect_outputs(output_dir: Path, emit: str) -> Outputs:
+    outputs = Outputs()
+    for kind, into in (("pass", outputs.passed), ("fail", outputs.failed)):
+        top = output_dir / kind
+        for path in sorted(top.rglob("*")):
+            if path.is_dir():
+                continue
+            rel = path.relative_to(top).as_posix()
+            assert not path.name.startswith("."), f"temporary file left in {kind}/: {rel}"
+            assert rel.endswith("." + emit), f"{kind}/{rel} is not a .{emit} output"
+            into[rel[: -len(emit)] + "pod5"] = read_output(path)
+    return outputs
+
+
+def link_basename(rel: str) -> str:
+    """What the worker's link name ends with (the fn:Z value): the basename made tag-safe."""
+    return _UNSAFE.sub("_", rel.rsplit("/", 1)[-1])
+
+
+def check_outputs(study: Study, emit: str = "fastq", min_qscore: float = 0.0) -> Outputs:
+    """The exactly-once property, from the files on disk and the ledger:
+
+    - a done input has its pass/ file (and a fail/ file only if it has failing reads); nothing else has any;
+    - each output holds only reads of its own pod5, all of them (by read id or pi:Z parent), each record
+      once, split by qscore, counted in the ledger as on disk;
+    - across all outputs every read id of every pod5 appears in exactly one output, a duplicate's via its twin.
+    """
+    rows = files_by_rel(study.ledger)
+    done = {rel for rel, r in rows.items() if r.state == models.DONE}
+    outputs = collect_outputs(study.output, emit)
+    assert set(outputs.passed) == done, "pass/ files and done inputs differ"
+    assert set(outputs.failed) <= done
+    owner: dict[str, str] = {}  # pod5 read id -> the input whose output holds it
+    seen_records: set[str] = set()
+    for rel in sorted(done):
+        ids_in = set(pod5_read_ids(study.input / rel))
+        records = outputs.records(rel)
+        parents = {r.parent for r in records}
+        assert parents <= ids_in, f"{rel}: output holds reads of another pod5: {sorted(parents - ids_in)[:3]}"
+        assert parents == ids_in, f"{rel}: {len(ids_in - parents)} of its reads are missing"
+        ids_out = [r.read_id for r in records]
+        assert len(set(ids_out)) == len(ids_out), f"{rel}: a record is written twice"
+        assert not seen_records & set(ids_out), f"{rel}: records also published for another input"
+        seen_records |= set(ids_out)
+        for read_id in parents:
+            assert read_id not in owner, f"read {read_id} published for {owner[read_id]} and for {rel}"
+            owner[read_id] = rel
+        for r in records:
+            assert r.tags["fn"][2:].endswith(link_basename(rel)), f"{rel}: a record of {r.tags['fn']}"
+        assert all(r.qscore >= min_qscore for r in outputs.passed[rel])
+        assert all(r.qscore < min_qscore for r in outputs.failed.get(rel, []))
+        assert rel not in outputs.failed or outputs.failed[rel], f"{rel}: empty fail/ file"
+        row = rows[rel]
+        assert (row.reads_pass, row.reads_fail) == (len(outputs.passed[rel]), len(outputs.failed.get(rel, [])))
+    # Every read of every input that is done or a duplicate of a done one is in exactly one output.
+    for rel, row in rows.items():
+        if row.state == models.DUPLICATE:
+            twin = next(r for r in rows.values() if r.id == row.duplicate_of)
+            assert twin.state == models.DONE
+            assert twin.file_identifier == row.file_identifier
+            for read_id in pod5_read_ids(study.input / rel):
+                assert owner.get(read_id) == twin.rel_path, f"{rel}: read {read_id} not published via its twin"
+    return outputs
+
+
+def assert_work_tree_clean(study: Study) -> None:
+    work = study.output / "work"
+    assert not [p.name for p in work.iterdir() if p.name.startswith("ASSIGNED_")], "ASSIGNED_ folders left"
+    staging = work / "staging"
+    assert not staging.exists() or not list(staging.iterdir()), f"staging not empty: {list(staging.iterdir())}"

@@ -1,0 +1,151 @@
+"""Fencing: a batch reclaimed under a running worker is never published by it (DESIGN §4, Lease/Publish)."""
+import os
+
+import pytest
+
+from helpers import (  # noqa: F401  (study is a fixture)
+    Study, assert_work_tree_clean, batch, check_outputs, events, files_by_rel, pid_alive, study,
+)
+from ledgerbc import claim, janitor, models
+from ledgerbc.errors import NotOwner
+from ledgerbc.run import Worker, WorkerOptions
+from ledgerbc.synth import make_dataset
+
+
+def _reclaim(study: Study, batch_id: int) -> None:
+    ledger = study.ledger
+    report = janitor.JanitorReport()
+    janitor.reclaim(ledger, ledger.read_settings(), batch_id, report, reason="test")
+    assert report.reclaimed == [batch_id]
+
+
+def test_reclaimed_batch_is_never_published_by_its_worker(study: Study):
+    make_dataset(study.input, 5, seed=3, hostile_names=False)
+    study.init("--batch-files", 8)
+    worker = study.start_worker("zombie", "--max-batches", "1", LEDGERBC_SIM_DELAY=30)
+
+    fenced, pid = study.dorado_running()
+    claimed = {rel for rel, r in files_by_rel(study.ledger).items() if r.batch_id == fenced.id}
+    assert claimed and all(r.state == models.CLAIMED for r in files_by_rel(study.ledger).values() if r.rel_path in claimed)
+    _reclaim(study, fenced.id)
+
+    # The worker finds out at its next heartbeat, stops dorado (long before its 30 s delay is over) and exits.
+    assert study.wait_workers([worker], timeout=25) == {"zombie": 0}
+    assert not pid_alive(pid), "the fenced worker left dorado running"
+    assert not study.dorado_pids()
+    log = (study.output / "logs" / f"{fenced.id}.log").read_text(errors="replace")
+    assert "Finished in" not in log, "dorado ran to the end: it was not stopped"
+    # Fenced, not failed or released: the zombie made no change to the batch after the reclaim.
+    kinds = {e.kind for e in events(study.ledger, batch_id=fenced.id)}
+    assert "batch-reclaimed" in kinds and not kinds & {"batch-done", "batch-failed", "batch-released", "file-failed"}
+    assert "Traceback" not in study.worker_log("zombie")
+
+    assert batch(study.ledger, fenced.id).state == models.RECLAIMED
+    assert not events(study.ledger, "batch-done", fenced.id)
+    rows = files_by_rel(study.ledger)
+    for rel in claimed:
+        assert (rows[rel].state, rows[rel].attempts, rows[rel].batch_id) == (models.PENDING, 1, None)
+        assert rows[rel].last_error == "test"
+    assert not study.published()
+    assert_work_tree_clean(study)
+
+    # Someone else finishes the work: each file once, none by the fenced batch.
+    helper = study.start_worker("helper")
+    assert study.wait_workers([helper], timeout=60) == {"helper": 0}
+    rows = files_by_rel(study.ledger)
+    assert {r.state for r in rows.values()} == {models.DONE}
+    assert all(r.batch_id != fenced.id and r.attempts == 1 for r in rows.values() if r.rel_path in claimed)
+    check_outputs(study)
+    assert {e.worker_id for e in events(study.ledger, "batch-done")} == {"helper"}
+
+
+def test_fenced_worker_keeps_going_and_drains_the_rest(study: Study):
+    """Without --max-batches the fenced worker stays alive and does the work again (retried alone)."""
+    make_dataset(study.input, 4, seed=4, hostile_names=True)
+    flag = study.root / "slow"  # dorado is slow only while this exists: the test makes the first run slow
+    flag.touch()
+    study.dorado_while(flag, LEDGERBC_SIM_DELAY=30)
+    study.init("--batch-files", 8)
+    worker = study.start_worker("w")
+
+    fenced, pid = study.dorado_running()
+    claimed = {rel for rel, r in files_by_rel(study.ledger).items() if r.batch_id == fenced.id}
+    flag.unlink()
+    _reclaim(study, fenced.id)
+    assert study.wait_workers([worker], timeout=60) == {"w": 0}
+    assert not pid_alive(pid)
+
+    assert batch(study.ledger, fenced.id).state == models.RECLAIMED
+    assert not events(study.ledger, "batch-done", fenced.id)
+    rows = files_by_rel(study.ledger)
+    assert {r.state for r in rows.values()} == {models.DONE}
+    assert all(r.batch_id != fenced.id for r in rows.values())
+    # The reclaim counted one attempt for each of its files, which were then retried in batches of their own.
+    for rel, r in rows.items():
+        assert r.attempts == (1 if rel in claimed else 0)
+        if rel in claimed:
+            assert batch(study.ledger, r.batch_id).n_files == 1
+    check_outputs(study)
+    assert_work_tree_clean(study)
+
+
+def test_publish_refused_after_reclaim_even_when_dorado_finished(study: Study, monkeypatch):
+    """The publication-time fence, in the real worker: dorado finished, the batch was reclaimed before the
+    publish transaction; nothing is renamed into pass/ and no file is marked done by that batch."""
+    make_dataset(study.input, 3, seed=5, hostile_names=False)
+    study.init("--batch-files", 8, "--dorado", study.bin / "dorado")
+    ledger = study.ledger
+    installs = []
+    real_publish = claim.publish
+
+    def publish_after_a_reclaim(ledger_, batch_id, worker_id, results, install, max_attempts):
+        _reclaim(study, batch_id)
+        installs.append(batch_id)
+
+        def tracked_install():
+            installs.append(("installed", batch_id))
+            install()
+
+        return real_publish(ledger_, batch_id, worker_id, results, tracked_install, max_attempts)
+
+    monkeypatch.setattr(claim, "publish", publish_after_a_reclaim)
+    w = Worker(ledger, WorkerOptions(worker_id="late", max_batches=1), env=study.env())
+    assert w.run() == 0
+
+    (batch_id,) = installs
+    assert batch(ledger, batch_id).state == models.RECLAIMED
+    assert not events(ledger, "batch-done", batch_id)
+    rows = files_by_rel(ledger).values()
+    assert len([r for r in rows if r.attempts == 1]) == batch(ledger, batch_id).n_files
+    assert {(r.state, r.attempts) for r in rows} <= {(models.PENDING, 1), (models.PENDING, 0)}
+    assert not study.published()
+    assert_work_tree_clean(study)
+
+
+def test_heartbeat_and_publish_of_a_reclaimed_batch_raise_not_owner(study: Study):
+    make_dataset(study.input, 2, seed=6, hostile_names=False)
+    study.init("--batch-files", 8)
+    ledger = study.ledger
+    settings = ledger.read_settings()
+    claim.register_worker(ledger, "w", "host", os.getpid(), None)
+    got = claim.claim_batch(ledger, "w", settings)
+    claim.heartbeat(ledger, got.batch_id, "w")
+    _reclaim(study, got.batch_id)
+
+    with pytest.raises(NotOwner):
+        claim.heartbeat(ledger, got.batch_id, "w")
+    called = []
+    results = [claim.FileResult(f.id, True, reads_pass=1) for f in got.files]
+    with pytest.raises(NotOwner):
+        claim.publish(ledger, got.batch_id, "w", results, lambda: called.append(1), settings.max_attempts)
+    assert called == []
+    with pytest.raises(NotOwner):
+        claim.fail_batch(ledger, got.batch_id, "w", "late failure", settings.max_attempts)
+    with pytest.raises(NotOwner):
+        claim.release_batch(ledger, got.batch_id, "w", "late release")
+    rows = files_by_rel(ledger)
+    assert {(rows[f.rel].state, rows[f.rel].attempts, rows[f.rel].last_error) for f in got.files} == {
+        (models.PENDING, 1, "test")}
+    # A new claim gets a new batch id: the fencing token is never reused.
+    again = claim.claim_batch(ledger, "w", settings)
+    assert again.batch_id > got.batch_id

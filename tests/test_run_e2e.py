@@ -1,0 +1,134 @@
+"""`ledgerbc run` end to end: worker subprocesses, the stand-in dorado on PATH, real and hostile pod5 files."""
+import gzip
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from helpers import (  # noqa: F401  (study is a fixture)
+    REAL_POD5, Study, assert_work_tree_clean, check_outputs, copy_real_pod5, events, files_by_rel, link_basename,
+    read_bam, study,
+)
+from ledgerbc import models
+from ledgerbc.synth import HOSTILE_NAMES, make_dataset
+
+
+@pytest.mark.slow
+def test_four_workers_drain_real_and_hostile_dataset_exactly_once(study: Study):
+    copy_real_pod5(study.input / "real")
+    synthetic = make_dataset(study.input, 300, hostile_names=True)
+    assert set(HOSTILE_NAMES) <= set(synthetic)
+    study.init("--batch-files", 8, "--min-qscore", 10)
+
+    workers = [study.start_worker(f"w{i}") for i in range(4)]
+    codes = study.wait_workers(workers, timeout=120)
+    assert codes == {f"w{i}": 0 for i in range(4)}, {w: study.worker_log(w)[-2000:] for w in codes}
+
+    rows = files_by_rel(study.ledger)
+    on_disk = {p.relative_to(study.input).as_posix() for p in study.input.rglob("*.pod5")}
+    assert set(rows) == on_disk and len(on_disk) == 333
+    n_inputs = len(on_disk)
+    states = {r.state for r in rows.values()}
+    assert states == {models.DONE, models.DUPLICATE}, {r.rel_path: r.last_error for r in rows.values()
+                                                        if r.state not in (models.DONE, models.DUPLICATE)}
+    assert all(r.attempts == 0 for r in rows.values())
+
+    # The real data holds one file twice (same pod5 file_identifier under two paths): recorded, no output.
+    duplicates = [r for r in rows.values() if r.state == models.DUPLICATE]
+    assert len(duplicates) == 1
+    dup = duplicates[0]
+    assert dup.rel_path.endswith("single_na24385.pod5")
+    for kind in ("pass", "fail"):
+        assert not (study.output / kind / (dup.rel_path[: -len(".pod5")] + ".fastq")).exists()
+
+    outputs = check_outputs(study, "fastq", min_qscore=10)
+    assert outputs.n_pass > 0 and outputs.n_fail > 0  # --min-qscore 10 exercises both folders
+    # Hostile names came through verbatim: one output per input, under the same relative path.
+    for rel in HOSTILE_NAMES:
+        assert (study.output / "pass" / (rel[: -len(".pod5")] + ".fastq")).is_file(), rel
+    # Split reads (real single_split_read.pod5 and one synthetic file in 50) count via their parent.
+    split_parents = {r.parent for rel in outputs.passed for r in outputs.records(rel) if "pi" in r.tags}
+    assert split_parents, "no split read in the dataset: the pi:Z path was not exercised"
+    assert not list(study.root.rglob("pwned")), "a file name was run by a shell"
+
+    status = study.status()
+    assert status["files"]["done"] == len(outputs.passed) == n_inputs - 1
+    assert status["files"]["duplicate"] == 1
+    assert status["files"]["pending"] == status["files"]["claimed"] == status["files"]["failed"] == 0
+    assert status["reads"]["pass"] == outputs.n_pass
+    assert status["reads"]["fail"] == outputs.n_fail
+    assert status["reads"]["out"] == outputs.n_pass + outputs.n_fail
+    assert [d["path"] for d in status["duplicates"]] == [dup.rel_path]
+    assert status["running_batches"] == []
+    assert {w["worker_id"]: w["state"] for w in status["workers"]} == {f"w{i}": "exited" for i in range(4)}
+
+    # Each batch was published once, by the worker that claimed it; every batch ended done.
+    done_events = events(study.ledger, "batch-done")
+    assert len({e.batch_id for e in done_events}) == len(done_events)
+    assert {e.worker_id for e in done_events} <= {f"w{i}" for i in range(4)}
+    assert len({e.worker_id for e in done_events}) > 1, "one worker did everything: no concurrency tested"
+    assert_work_tree_clean(study)
+
+
+def _small_dataset(study: Study) -> None:
+    """24 synthetic files (hostile names first) and three real ones, one of them with a read dorado splits."""
+    make_dataset(study.input, 24, seed=7, hostile_names=True)
+    for rel in ("single_split_read/single_split_read.pod5", "multi_read_pod5/filtered.pod5",
+                "duplex/pod5/duplex.pod5"):
+        target = study.input / "real" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REAL_POD5 / rel, target)
+
+
+def _stand_in_records(study: Study, env: dict) -> dict:
+    """What the stand-in itself writes for every input: {read id: Record}, run on links to all inputs."""
+    folder = study.root / "direct"
+    folder.mkdir()
+    for i, path in enumerate(sorted(study.input.rglob("*.pod5"))):
+        (folder / f"{i:05d}_{link_basename(path.name)}").symlink_to(path)
+    out = study.root / "direct.bam"
+    with open(out, "wb") as stdout:
+        proc = subprocess.run([str(study.bin / "dorado"), "basecaller", "hac", str(folder)], stdout=stdout,
+                              stderr=subprocess.PIPE, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return {r.read_id: r for r in read_bam(out)}
+
+
+@pytest.mark.parametrize("emit", ["bam", "fastq.gz"])
+def test_emit_variants_publish_every_read_once(study: Study, emit):
+    _small_dataset(study)
+    study.init("--batch-files", 4, "--min-qscore", 10, "--emit", emit)
+    workers = [study.start_worker(f"w{i}") for i in range(2)]
+    assert study.wait_workers(workers, timeout=120) == {"w0": 0, "w1": 0}
+
+    rows = files_by_rel(study.ledger)
+    assert {r.state for r in rows.values()} == {models.DONE}
+    outputs = check_outputs(study, emit, min_qscore=10)
+    assert outputs.n_pass > 0 and outputs.n_fail > 0
+    for path in (study.output / "pass").rglob("*"):
+        if path.is_file():
+            magic = path.read_bytes()[:2]
+            assert magic == b"\x1f\x8b", f"{path} is not gzip/BGZF"  # BAM is BGZF, itself gzip
+            if emit == "fastq.gz":
+                with gzip.open(path, "rb") as fh:
+                    head = fh.read(1)
+                assert head in (b"@", b""), f"{path} is not gzipped FASTQ"
+
+    # Every record keeps what the stand-in wrote: sequence, qualities and every tag (fn is the link name).
+    direct = _stand_in_records(study, study.env())
+    published = [r for rel in outputs.passed for r in outputs.records(rel)]
+    assert {r.read_id for r in published} == set(direct)
+    for r in published:
+        expected = direct[r.read_id]
+        assert (r.sequence, r.qualities) == (expected.sequence, expected.qualities)
+        assert set(r.tags) == set(expected.tags)
+        assert {k: v for k, v in r.tags.items() if k != "fn"} == {k: v for k, v in expected.tags.items() if k != "fn"}
+        assert r.tags["fn"].split("_", 1)[1] == expected.tags["fn"].split("_", 1)[1]
+
+    status = study.status()
+    assert status["files"]["done"] == len(outputs.passed) == len(rows)
+    assert (status["reads"]["pass"], status["reads"]["fail"]) == (outputs.n_pass, outputs.n_fail)
+    assert status["reads"]["out"] == outputs.n_pass + outputs.n_fail
+    assert_work_tree_clean(study)
+    assert not os.path.exists(study.cwd / "pwned")
