@@ -49,7 +49,8 @@ class LedgerGroup(click.Group):
             if ctx.meta.get("ledgerbc.debug"):
                 raise
             click.echo(
-                f"Error: internal error {type(exc).__name__}: {exc}. Re-run with --debug and report it.", err=True
+                f"Error: internal error {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}. Re-run with --debug "
+                "and report it.", err=True
             )
             ctx.exit(1)
 
@@ -110,7 +111,7 @@ def _progress(label):
 
 # -- init / scan / status ----------------------------------------------------------------------------
 @cli.command()
-@click.argument("input_dir", type=click.Path(path_type=Path))
+@click.argument("input_dir", type=click.Path(path_type=Path, readable=False))  # checked by init_ledger: exit 3
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @ledger_option
 @opt("--model", default="hac", show_default=True, help="dorado model name or path.")
@@ -294,6 +295,47 @@ def demo(ctx, folder, workers, files, testdata):
 
     left = run_demo(folder, workers=workers, files=files, testdata=testdata or default_testdata(), echo=click.echo)
     ctx.exit(0 if left == 0 else 1)
+
+
+# -- Slurm and health ----------------------------------------------------------------------------------
+@cli.command()
+@ledger_option
+@opt("--tasks", type=int, required=True, help="Array tasks (workers) to start.")
+@opt("--partition", default=None, help="sbatch --partition.")
+@opt("--time", default=None, help="sbatch --time (per task), e.g. 12:00:00.")
+@opt("--gpus-per-task", default=1, show_default=True, type=int, help="0: ask for no GPU.")
+@opt("--account", default=None, help="sbatch --account.")
+@opt("--cpus-per-task", default=None, type=int, help="sbatch --cpus-per-task.")
+@opt("--mem", default=None, help="sbatch --mem, e.g. 32G.")
+@opt("--run-arg", "run_args", multiple=True,
+     help="An option for every task's `ledgerbc run` (repeatable), e.g. --run-arg=--follow.")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def submit(ledger_path, tasks, partition, time, gpus_per_task, account, cpus_per_task, mem, run_args, extra):
+    """Submit a Slurm array of workers (slurm_array.sh); sbatch options after `--` go to sbatch."""
+    import shlex
+
+    from . import slurm
+
+    ledger = open_ledger(ledger_path).path
+    options = dict(partition=partition, time=time, gpus_per_task=gpus_per_task, account=account,
+                   cpus_per_task=cpus_per_task, mem=mem, extra=extra, run_args=run_args)
+    job_id = slurm.submit(ledger, tasks, **options)
+    click.echo(f"submitted array job {job_id} ({tasks} tasks)")
+    click.echo(f"sbatch command: {shlex.join(slurm.build_sbatch_argv(ledger, tasks, **options))}")
+    click.echo(f"watch it: ledgerbc status --ledger {shlex.quote(str(ledger))} --watch 30")
+
+
+@cli.command()
+@ledger_option
+@click.pass_context
+def doctor(ctx, ledger_path):
+    """Check the ledger's filesystem (mount, locks), clock, content, and dorado with its model."""
+    from . import doctor as doctor_mod
+
+    checks = doctor_mod.run_checks(open_ledger(ledger_path))
+    for check in checks:
+        click.echo(check.line())
+    ctx.exit(doctor_mod.exit_code(checks))
 
 
 def main():

@@ -1,6 +1,7 @@
 """`ledgerbc init`: check the folders, create the ledger atomically, remember the settings, first scan."""
 
 import os
+import tempfile
 from pathlib import Path
 
 from . import db
@@ -29,7 +30,18 @@ def check_output_dir(path: Path) -> Path:
         raise BadInput(f"OUTPUT_DIR {path} is not a folder.")
     if not os.access(path, os.W_OK | os.X_OK):
         raise BadInput(f"OUTPUT_DIR {path} is not writable by this user. Choose a writable folder.")
+    probe_writable(path, "OUTPUT_DIR")
     return path.resolve()
+
+
+def probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file: os.access trusts mode bits, which root, ACLs and odd mounts ignore."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ledgerbc-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadInput(f"{what} {folder} is not writable: {exc.strerror or exc}. Choose a writable folder.") from None
 
 
 def init_ledger(settings: Settings, ledger_path: Path | None = None, progress=None):
@@ -43,6 +55,7 @@ def init_ledger(settings: Settings, ledger_path: Path | None = None, progress=No
         raise BadInput(f"the ledger path {ledger_path} is a folder. Give a file path for --ledger.")
     if not ledger_path.parent.is_dir():
         raise BadInput(f"the folder of the ledger path {ledger_path} does not exist.")
+    probe_writable(ledger_path.parent, "the ledger's folder")
     existing = layout.output / SETTINGS_FILE
     if ledger_path.exists() or existing.exists():
         raise AlreadyInitialized(

@@ -215,12 +215,44 @@ class Ledger:
             )
         self._schema_checked = True
 
+    def health(self) -> tuple[str | None, list[str]]:
+        """(schema revision, `PRAGMA integrity_check` lines) under the lock, for `ledgerbc doctor`.
+
+        Unlike `transact`, it does not refuse an old or newer schema: doctor reports it. Raises
+        LedgerNotFound or LedgerCorrupt when the file is missing or not a database.
+        """
+        if not self.path.is_file():
+            raise errors.LedgerNotFound(f"no ledger at {self.path}. Create it with `ledgerbc init`.")
+        try:
+            with self.locked():
+                with self._get_engine().connect() as conn, conn.begin():
+                    try:
+                        version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+                    except sa.exc.OperationalError as exc:
+                        if _classify(exc) != "other":
+                            raise
+                        version = None
+                    lines = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check").fetchall()]
+        except (sa.exc.OperationalError, sa.exc.DatabaseError, sqlite3.DatabaseError) as exc:
+            if _classify(exc) == "corrupt":
+                raise errors.LedgerCorrupt(
+                    f"the ledger {self.path} is damaged or not a ledger ({_short(exc)}). Rebuild it with "
+                    "`ledgerbc recover --rebuild --input DIR --output DIR`."
+                ) from None
+            raise errors.LedgerError(f"ledger {self.path}: {_short(exc)}.") from None
+        if version is None:
+            raise errors.LedgerCorrupt(
+                f"{self.path} is an SQLite file but not a ledgerbc ledger. Give the right --ledger."
+            )
+        return version, lines
+
     # -- settings ------------------------------------------------------------------------------
     def read_settings(self):
         from .settings import Settings
 
         rows = self.transact(lambda c: c.execute(sa.select(models.Setting.key, models.Setting.value)).all())
-        return Settings.from_dict({k: json.loads(v) for k, v in rows})
+        # Paths stored relative to the ledger's folder resolve through whichever mount this process uses.
+        return Settings.from_dict({k: json.loads(v) for k, v in rows}).resolved(self.path.parent)
 
 
 def _short(exc) -> str:
@@ -246,7 +278,7 @@ def create_ledger_file(path: Path, settings, revision: str = SCHEMA_HEAD) -> Non
             schema.upgrade(conn, revision)
             conn.commit()
             with conn.begin():
-                write_settings(conn, settings)
+                write_settings(conn, settings.stored_for(path.parent))
     finally:
         engine.dispose()
     fsync_path(path)

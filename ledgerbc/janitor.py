@@ -49,6 +49,9 @@ class Janitor:
         self.settings = settings
         self.layout = Layout(Path(settings.output_dir))
         self._last_pass = None
+        # The stall rule is the janitor's own: longer than a heartbeat (+ skew) without reaching the
+        # ledger restarts its contact window, whoever created the Ledger handle.
+        ledger.stall_gap = min(ledger.stall_gap, settings.heartbeat + settings.clock_skew)
 
     @property
     def window(self) -> float:

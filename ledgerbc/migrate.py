@@ -1,18 +1,27 @@
 """`ledgerbc upgrade`: bring an older ledger to this version's schema, keeping a backup copy."""
 
 import shutil
+from pathlib import Path
 
-
+import sqlalchemy as sa
 
 from . import db, schema
-from .errors import SchemaMismatch
+from .errors import LedgerCorrupt, LedgerNotFound, SchemaMismatch
 
 
 def current_revision(path) -> str | None:
+    if not Path(path).is_file():
+        raise LedgerNotFound(f"no ledger at {path}. Give the ledger's path with --ledger (or LEDGERBC_LEDGER).")
     engine = db.make_engine(path)
     try:
         with engine.connect() as conn:
             return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    except sa.exc.DBAPIError as exc:  # the same one-line errors as every other command (db.Ledger.transact)
+        what = "is damaged or not a ledger" if db._classify(exc) == "corrupt" else "is not a ledgerbc ledger"
+        raise LedgerCorrupt(
+            f"the ledger {path} {what} ({db._short(exc)}). Run `ledgerbc doctor`, then "
+            "`ledgerbc recover --rebuild --input DIR --output DIR`."
+        ) from None
     finally:
         engine.dispose()
 

@@ -47,3 +47,13 @@ def drop_role_quietly(ledger, name: str, worker_id: str) -> None:
         drop_role(ledger, name, worker_id)
     except LedgerError:
         pass
+
+
+def renewed_within(ledger, name: str, seconds: float) -> bool:
+    """True when someone holds `name` and renewed it within `seconds`: its holder is most likely alive."""
+
+    def txn(conn):
+        at = conn.execute(sa.select(Role.heartbeat_at).where(Role.name == name)).scalar_one_or_none()
+        return at is not None and ledger.clock() - at <= seconds
+
+    return ledger.transact(txn)

@@ -125,6 +125,9 @@ class Scanner:
         self.clock = clock
         self._known: dict[str, _Known] = {}
         self._max_id = 0
+        # Follow mode, once the run's final summary exists: acquisition is over, so settle is not waited
+        # for and a file still incomplete (writer temporaries or not) is failed at once (follow.py).
+        self.acquisition_over = False
 
     def _refresh_known(self) -> None:
         def load(conn, after):
@@ -143,7 +146,12 @@ class Scanner:
 
         rows = self.ledger.transact(load, self._max_id)
         if self._known:  # states of known rows change (waiting -> pending, retry): refresh those cheaply
-            rows += self.ledger.transact(load_unsettled)
+            unsettled = self.ledger.transact(load_unsettled)
+            still = {r.id for r in unsettled}
+            for k in self._known.values():
+                if k.state in (WAITING, FAILED) and k.id not in still:
+                    k.state = PENDING  # settled meanwhile (by another scanner, or retried): not ours to look at
+            rows += unsettled
         for r in rows:
             self._known[r.rel_path] = _Known(r.id, r.size, r.mtime_ns, r.state, r.batch_id, r.stable_since)
             self._max_id = max(self._max_id, r.id)
@@ -174,43 +182,48 @@ class Scanner:
             observations.append(observe(path, rel, st, busy))
             if progress:
                 progress(n, len(todo))
-        record(self.ledger, observations, self.follow, settings.settle, self.clock(), report, self._known)
+        record(self.ledger, observations, self.follow, settings.settle, self.clock(), report, self._known,
+               over=self.acquisition_over)
         return report
 
 
-def record(ledger, observations, follow: bool, settle: float, now: float, report: ScanReport, known: dict):
+def record(ledger, observations, follow: bool, settle: float, now: float, report: ScanReport, known: dict,
+           over: bool = False):
     """Write observations to the ledger in short transactions (the scan's only write path)."""
     for start in range(0, len(observations), CHUNK):
         chunk = observations[start : start + CHUNK]
-        counts = ledger.transact(_record_chunk, chunk, follow, settle, now, known)
+        counts = ledger.transact(_record_chunk, chunk, follow, settle, now, known, over)
         for key, value in counts.items():
             setattr(report, key, getattr(report, key) + value)
 
 
-def _decide(obs: Observation, prior: _Known | None, follow: bool, settle: float, now: float):
-    """(state, error, stable_since) for an observation."""
+def _decide(obs: Observation, prior: _Known | None, follow: bool, settle: float, now: float, over: bool = False):
+    """(state, error, stable_since) for an observation. `over`: the run's acquisition has ended."""
     if prior is not None and (prior.size, prior.mtime_ns) == (obs.size, obs.mtime_ns):
         stable_since = prior.stable_since if prior.stable_since is not None else now
     else:
         # New or changed. A file first seen with an old mtime has been stable since then.
         stable_since = min(now, obs.mtime_ns / 1e9) if prior is None else now
     if obs.info is not None:
-        if follow and now - stable_since < settle:
+        if follow and not over and now - stable_since < settle:
             return WAITING, None, stable_since
         return PENDING, None, stable_since
     if not obs.incomplete:
         return FAILED, obs.error, stable_since
     if not follow:
         return FAILED, f"{obs.error}. Run `ledgerbc retry` once it is complete.", stable_since
+    if over:
+        why = "the run's final summary exists (acquisition is over), so it will not complete"
+        return FAILED, f"{obs.error}; {why}", stable_since
     if obs.writer_busy or now - stable_since < settle:
         return WAITING, obs.error, stable_since
     return FAILED, f"{obs.error}; unchanged for {now - stable_since:.0f}s, so it will not complete", stable_since
 
 
-def _record_chunk(conn, chunk, follow, settle, now, known):
+def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
     t = Pod5File
     counts = {"added": 0, "duplicates": 0, "failed": 0, "waiting": 0}
-    decided = [(obs, known.get(obs.rel), *_decide(obs, known.get(obs.rel), follow, settle, now)) for obs in chunk]
+    decided = [(obs, known.get(obs.rel), *_decide(obs, known.get(obs.rel), follow, settle, now, over)) for obs in chunk]
     identifiers = {obs.info.file_identifier for obs, _, state, *_ in decided if state == PENDING}
     originals = {}
     if identifiers:

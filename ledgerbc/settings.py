@@ -75,6 +75,34 @@ class Settings:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    # INPUT_DIR and OUTPUT_DIR inside the ledger's folder are stored relative to it, so that a worker that
+    # reaches the shared filesystem under another mount point (another node's /mnt/..., a bind mount)
+    # finds them through its own path to the ledger. Paths outside that folder stay absolute.
+    def stored_for(self, ledger_folder) -> "Settings":
+        """A copy to store in a ledger living in `ledger_folder` (paths inside it made relative)."""
+        base = Path(os.path.realpath(ledger_folder))
+
+        def rel(path: str) -> str:
+            p = Path(path)
+            if not p.is_absolute():
+                return path
+            try:
+                return Path(os.path.realpath(p)).relative_to(base).as_posix()
+            except ValueError:
+                return path
+
+        return dataclasses.replace(self, input_dir=rel(self.input_dir), output_dir=rel(self.output_dir))
+
+    def resolved(self, ledger_folder) -> "Settings":
+        """A copy with relative INPUT_DIR/OUTPUT_DIR made absolute against the ledger's folder as this
+        process sees it (not resolving symlinks: the worker keeps its own mount point)."""
+        base = Path(os.path.abspath(ledger_folder))
+
+        def absolute(path: str) -> str:
+            return path if Path(path).is_absolute() else os.path.normpath(base / path)
+
+        return dataclasses.replace(self, input_dir=absolute(self.input_dir), output_dir=absolute(self.output_dir))
+
     def write_json(self) -> Path:
         """Write the settings beside the outputs, atomically."""
         path = self.output_path / SETTINGS_FILE

@@ -5,7 +5,7 @@ The JSON schema is documented in the README ("status --json") and versioned by i
 
 import sqlalchemy as sa
 
-from . import models
+from . import follow, models
 from .models import Batch, Pod5File, Worker
 from .units import format_duration, format_size
 
@@ -98,6 +98,7 @@ def collect(conn, now: float, settings) -> dict:
         "running_batches": running,
         "failed": failed,
         "duplicates": duplicates,
+        "follow": follow.status_section(conn, now, counts),
     }
 
 
@@ -125,6 +126,9 @@ def render(data: dict) -> str:
         f"speed:   {format_size(tp['bytes_per_s'])}/s, {tp['files_per_hour']:.1f} files/h (last {tp['window_s'] / 60:.0f} min)"
         f"  ETA {eta}  behind by {format_duration(data['lag_s'])}"
     )
+    following = follow.render_status(data["follow"]) if "follow" in data else None
+    if following:
+        lines.append(following)
     live = [w for w in data["workers"] if w["state"] == "running"]
     lines.append(f"workers: {len(live)} running, {len(data['workers']) - len(live)} exited")
     if live:
