@@ -22,6 +22,7 @@ from .slurm import default_worker_id, hostname
 log = logging.getLogger("ledgerbc.run")
 
 TICK = 1.0  # how often the loop looks at dorado, the stop flag and the clock
+SIGNAL_GRACE = 2.0  # after dorado died of a signal: how long to wait for ours before failing the batch
 EXIT_OK = 0
 EXIT_STOPPED = 143  # stopped by SIGTERM/SIGINT after releasing its batch (128 + SIGTERM)
 EXIT_LEDGER_LOST = 4
@@ -176,6 +177,8 @@ class Worker:
         except Exception as exc:  # one bad batch must never kill the worker
             log.exception("batch %s failed", batch.batch_id)
             outcome = self._fail(batch, f"ledgerbc could not process the batch: {type(exc).__name__}: {exc}")
+        if proc is not None and proc.proc.poll() is None:
+            proc.stop()  # the batch ended on an error while dorado ran: it must not run on, orphaned
         if outcome == "stopped":
             try:
                 claim.release_batch(self.ledger, batch.batch_id, self.worker_id, "worker stopped by signal")
@@ -194,7 +197,9 @@ class Worker:
             name = link_name(i, f.rel)
             target = assigned / name
             if not target.is_symlink():
-                os.symlink(root / f.rel, target)
+                # Relative, so the link resolves through whichever mount of the shared filesystem a
+                # reader (dorado here, or a rebuild on another node) uses.
+                os.symlink(os.path.relpath(root / f.rel, assigned), target)
             links[name] = f
         return links
 
@@ -205,7 +210,11 @@ class Worker:
         next_beat = started + self.settings.heartbeat
         while True:
             if proc.poll(TICK) is not None:
-                return "exited"
+                if proc.proc.returncode < 0 and not self.stop_requested:
+                    # dorado died of a signal: scancel and Slurm signal every process of the task, and
+                    # dorado (no handler) may die before our own SIGTERM lands. Wait for it briefly.
+                    self._nap(SIGNAL_GRACE)
+                return "stopped" if self.stop_requested else "exited"
             if self.stop_requested:
                 proc.stop()
                 return "stopped"
