@@ -34,7 +34,9 @@ IO_RETRIES = 4
 
 _CORRUPT_MARKERS = ("file is not a database", "malformed", "not a database", "file is encrypted")
 _BUSY_MARKERS = ("database is locked", "database is busy", "database table is locked")
-_IO_MARKERS = ("disk i/o error", "unable to open database file", "stale file handle")
+# "readonly database" is also SQLITE_READONLY_DBMOVED: the file was deleted or renamed under an open
+# transaction. Reopening tells a lost ledger (LedgerNotFound) from a really read-only one (still fails).
+_IO_MARKERS = ("disk i/o error", "unable to open database file", "stale file handle", "readonly database")
 
 
 def _sqlite_connect(path: Path, create: bool):
