@@ -16,6 +16,8 @@ from .errors import IllegalTransition, NotOwner
 from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Batch, Event, Pod5File, Worker
 
 LOOKAHEAD = 2048  # pending rows read per claim: enough to size the batch, cheap on a 1M-file ledger
+# Errors of files a janitor took back start with this: the worker died, not (necessarily) the file.
+RECLAIMED = "reclaimed: "
 TAIL_LARGEST_FIRST = True  # byte-target batches: largest files first once the target shrinks (choose_batch)
 
 
@@ -74,13 +76,20 @@ def _owned(conn, batch_id: int, worker_id: str) -> Batch:
 
 
 # -- workers -----------------------------------------------------------------------------------------
+def touch_worker(conn, worker_id: str, now: float, **values) -> None:
+    """Mark a worker alive, re-creating its row if a rebuilt ledger does not know it yet."""
+    values = dict(last_seen=now, state="running", **values)
+    updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
+    if updated.rowcount == 0:
+        values.setdefault("host", worker_id.rsplit("@", 1)[-1])
+        values.setdefault("pid", 0)
+        conn.execute(sa.insert(Worker).values(worker_id=worker_id, started_at=now, batches_done=0, **values))
+
+
 def register_worker(ledger, worker_id: str, host: str, pid: int, device: str | None) -> None:
     def txn(conn):
         now = _now(ledger)
-        values = dict(host=host, pid=pid, device=device, last_seen=now, state="running")
-        updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
-        if updated.rowcount == 0:
-            conn.execute(sa.insert(Worker).values(worker_id=worker_id, started_at=now, batches_done=0, **values))
+        touch_worker(conn, worker_id, now, host=host, pid=pid, device=device)
         _event(conn, now, "worker-start", worker_id, message=f"{host} pid {pid} {device or ''}".strip())
 
     ledger.transact(txn)
@@ -102,18 +111,23 @@ def _live_workers(conn, now: float, window: float) -> int:
     ).scalar_one()
 
 
+def suspect(row) -> bool:
+    """A pending file whose earlier attempt failed on the file's account (dorado error, no reads)."""
+    return row.attempts > 0 and not (getattr(row, "last_error", None) or "").startswith(RECLAIMED)
+
+
 def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: bool):
     """Pick the files of the next batch from `pending` (oldest first, (id, size, attempts) rows).
 
     The target is the configured count or byte size, shrunk toward the end of the run so that the
     last batches spread over every live worker instead of leaving GPUs idle: each claim takes at most
     1/(2*workers) of what remains (guided self-scheduling). `exhausted` says `pending` is all there is.
-    A file that already failed once is claimed alone, so a bad file cannot fail its batch-mates again.
-    With a byte target, once it has shrunk the largest files go first (see TAIL_LARGEST_FIRST).
+    A file that already failed once (not merely reclaimed from a dead worker) is claimed alone, so a bad
+    file cannot fail its batch-mates again. With a byte target, once it has shrunk the largest files go first (see TAIL_LARGEST_FIRST).
     """
     if not pending:
         return []
-    if pending[0].attempts > 0:
+    if suspect(pending[0]):
         return [pending[0]]
     share = 2 * max(1, live_workers)
     if batch_files is not None:
@@ -130,10 +144,10 @@ def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: boo
             # idle while it runs; bench/makespan.py measures it (makespan 1.09 -> 1.02 of the lower
             # bound). Only in byte mode, where a batch of big files stays within its byte target;
             # retried files are still claimed alone, oldest first, when they come first (above).
-            pending = sorted((r for r in pending if r.attempts == 0), key=lambda r: -r.size)  # stable: ties oldest first
+            pending = sorted((r for r in pending if not suspect(r)), key=lambda r: -r.size)  # stable: ties oldest first
     chosen, total = [], 0
     for row in pending:
-        if row.attempts > 0:
+        if suspect(row):
             break
         if chosen and total + key(row) > target:
             break
@@ -151,7 +165,7 @@ def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
         now = _now(ledger)
         t = Pod5File
         pending = conn.execute(
-            sa.select(t.id, t.rel_path, t.size, t.read_count, t.attempts)
+            sa.select(t.id, t.rel_path, t.size, t.read_count, t.attempts, t.last_error)
             .where(t.state == PENDING)
             .order_by(t.id)
             .limit(LOOKAHEAD)
@@ -174,7 +188,7 @@ def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
         ).rowcount
         if moved != len(ids):  # the row count proves the claim; anything else is a protocol breach
             raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(ids)} files.")
-        conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(last_seen=now))
+        touch_worker(conn, worker_id, now)
         return Claim(
             batch_id, worker_id, [ClaimedFile(r.id, r.rel_path, r.size, r.read_count, r.attempts) for r in chosen]
         )
@@ -190,18 +204,14 @@ def heartbeat(ledger, batch_id: int, worker_id: str) -> None:
         now = _now(ledger)
         _owned(conn, batch_id, worker_id)
         conn.execute(sa.update(Batch).where(Batch.id == batch_id).values(heartbeat_at=now))
-        conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(last_seen=now))
+        touch_worker(conn, worker_id, now)
 
     ledger.transact(txn)
 
 
 def worker_alive(ledger, worker_id: str) -> None:
     """A worker without a batch (watchman, follower) says it is still there."""
-    ledger.transact(
-        lambda conn: conn.execute(
-            sa.update(Worker).where(Worker.worker_id == worker_id).values(last_seen=_now(ledger), state="running")
-        )
-    )
+    ledger.transact(lambda conn: touch_worker(conn, worker_id, _now(ledger)))
 
 
 # -- endings -------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from . import roles
+from . import claim, roles
 from .models import (
     CLAIMED, DONE, DUPLICATE, FAILED, PENDING, RUNNING, WAITING, Batch, Event, Pod5File, Role, Worker,
 )
@@ -171,7 +171,7 @@ def poll(conn, now: float, worker_id: str | None = None) -> RunState:
     state.last_activity = max(times) if times else None
     state.summary = recorded_final_summary(conn)
     if worker_id is not None:
-        conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(last_seen=now, state="running"))
+        claim.touch_worker(conn, worker_id, now)
     return state
 
 

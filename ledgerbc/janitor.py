@@ -105,7 +105,7 @@ def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool 
             (published if layout.pass_path(f.rel_path, settings.emit).exists() else others).append(f)
         for f in published:
             _mark_done_from_disk(conn, layout, settings.emit, f.id, f.rel_path, now)
-        why = reason or f"lease expired: worker {row.worker_id} silent for {now - row.heartbeat_at:.0f}s"
+        why = claim.RECLAIMED + (reason or f"lease expired: worker {row.worker_id} silent for {now - row.heartbeat_at:.0f}s")
         claim.return_files(conn, batch_id, [f.id for f in others], why, True, settings.max_attempts, now)
         conn.execute(
             sa.update(Batch).where(Batch.id == batch_id).values(state=models.RECLAIMED, finished_at=now, error=why)

@@ -28,6 +28,8 @@ def current_revision(path) -> str | None:
 
 def upgrade_ledger(ledger):
     """Returns (revision before, revision after, backup path or None)."""
+    if not ledger.path.is_file():  # before locking: no stray .lock beside a ledger that is not there
+        raise LedgerNotFound(f"no ledger at {ledger.path}. Give the ledger's path with --ledger.")
     with ledger.locked():
         before = current_revision(ledger.path)
         if before not in db.KNOWN_REVISIONS:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from . import db, models, split
+from . import claim, db, models, split
 from .create import check_input_dir, check_output_dir
 from .errors import BadInput
 from .layout import Layout
-from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File, Worker
+from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File
 from .scan import Scanner
 from .settings import Settings
 
@@ -154,13 +154,15 @@ def _adopt(conn, layout, settings, input_dir, counts, max_id, now):
             sa.update(Pod5File).where(Pod5File.id.in_([m.id for m in members]))
             .values(state=CLAIMED, batch_id=batch_id, last_error=None)
         )
-        exists = conn.execute(sa.select(Worker.worker_id).where(Worker.worker_id == worker_id)).first()
-        if not exists:
-            conn.execute(
-                sa.insert(Worker).values(worker_id=worker_id, host=worker_id.rsplit("@", 1)[-1], pid=0,
-                                         started_at=now, last_seen=now, state="running", batches_done=0)
-            )
+        claim.touch_worker(conn, worker_id, now)
         lines.append(f"batch {batch_id} of {worker_id}: {len(members)} files assigned, running again")
+    # Staging without an ASSIGNED folder: its worker published (or died after) and removed the folder.
+    adopted = {b for b, _w, _p in layout.assigned_dirs()}
+    if layout.staging_root.is_dir():
+        for entry in layout.staging_root.iterdir():
+            if entry.name.isdigit() and int(entry.name) not in adopted:
+                shutil.rmtree(entry, ignore_errors=True)
+                lines.append(f"staging of batch {entry.name}: no ASSIGNED folder, removed")
     next_id = max_id + ID_MARGIN
     conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name='batches'")
     conn.exec_driver_sql("INSERT INTO sqlite_sequence(name, seq) VALUES ('batches', ?)", (next_id,))

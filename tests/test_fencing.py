@@ -45,7 +45,7 @@ def test_reclaimed_batch_is_never_published_by_its_worker(study: Study):
     rows = files_by_rel(study.ledger)
     for rel in claimed:
         assert (rows[rel].state, rows[rel].attempts, rows[rel].batch_id) == (models.PENDING, 1, None)
-        assert rows[rel].last_error == "test"
+        assert rows[rel].last_error == "reclaimed: test"
     assert not study.published()
     assert_work_tree_clean(study)
 
@@ -60,7 +60,7 @@ def test_reclaimed_batch_is_never_published_by_its_worker(study: Study):
 
 
 def test_fenced_worker_keeps_going_and_drains_the_rest(study: Study):
-    """Without --max-batches the fenced worker stays alive and does the work again (retried alone)."""
+    """Without --max-batches the fenced worker stays alive and does the work again."""
     make_dataset(study.input, 4, seed=4, hostile_names=True)
     flag = study.root / "slow"  # dorado is slow only while this exists: the test makes the first run slow
     flag.touch()
@@ -80,11 +80,11 @@ def test_fenced_worker_keeps_going_and_drains_the_rest(study: Study):
     rows = files_by_rel(study.ledger)
     assert {r.state for r in rows.values()} == {models.DONE}
     assert all(r.batch_id != fenced.id for r in rows.values())
-    # The reclaim counted one attempt for each of its files, which were then retried in batches of their own.
+    # The reclaim counted one attempt for each of its files; losing a worker is not the files' fault, so
+    # they were batched together again (not isolated like files dorado failed on).
     for rel, r in rows.items():
         assert r.attempts == (1 if rel in claimed else 0)
-        if rel in claimed:
-            assert batch(study.ledger, r.batch_id).n_files == 1
+    assert len({rows[rel].batch_id for rel in claimed}) == 1
     check_outputs(study)
     assert_work_tree_clean(study)
 
@@ -145,7 +145,7 @@ def test_heartbeat_and_publish_of_a_reclaimed_batch_raise_not_owner(study: Study
         claim.release_batch(ledger, got.batch_id, "w", "late release")
     rows = files_by_rel(ledger)
     assert {(rows[f.rel].state, rows[f.rel].attempts, rows[f.rel].last_error) for f in got.files} == {
-        (models.PENDING, 1, "test")}
+        (models.PENDING, 1, "reclaimed: test")}
     # A new claim gets a new batch id: the fencing token is never reused.
     again = claim.claim_batch(ledger, "w", settings)
     assert again.batch_id > got.batch_id
