@@ -1,0 +1,286 @@
+"""The ledger (db.py) and the batch life cycle (claim.py), on a real SQLite ledger under tmp_path."""
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+
+import filelock
+import pytest
+import sqlalchemy as sa
+
+from ledgerbc import claim, janitor, models
+from ledgerbc.claim import FileResult, choose_batch
+from ledgerbc.errors import LockTimeout, NotOwner
+from ledgerbc.models import Batch, Pod5File, Worker
+
+Row = namedtuple("Row", "id size attempts")
+
+
+def files(ledger) -> dict[int, Pod5File]:
+    return {r.id: r for r in ledger.transact(lambda c: c.execute(sa.select(Pod5File)).all())}
+
+
+def batches(ledger) -> dict[int, Batch]:
+    return {r.id: r for r in ledger.transact(lambda c: c.execute(sa.select(Batch)).all())}
+
+
+def ids_of(c: claim.Claim) -> list[int]:
+    return [f.id for f in c.files]
+
+
+def ok_results(c: claim.Claim) -> list[FileResult]:
+    return [FileResult(f.id, ok=True, reads_pass=2, reads_fail=1, bases=300) for f in c.files]
+
+
+# -- claim ---------------------------------------------------------------------------------------------
+def test_claim_by_files_takes_the_oldest_pending_files(make_ledger, clock):
+    ledger, settings = make_ledger(100, batch_files=4, clock=clock)
+    first = claim.claim_batch(ledger, "w1", settings)
+    second = claim.claim_batch(ledger, "w2", settings)
+    assert ids_of(first) == [1, 2, 3, 4] and ids_of(second) == [5, 6, 7, 8]
+    assert second.batch_id > first.batch_id
+
+    rows, bs = files(ledger), batches(ledger)
+    for c in (first, second):
+        assert all(rows[i].state == models.CLAIMED and rows[i].batch_id == c.batch_id for i in ids_of(c))
+        b = bs[c.batch_id]
+        assert (b.worker_id, b.state, b.n_files, b.n_bytes) == (c.worker_id, models.RUNNING, 4, 4000)
+        assert b.claimed_at == b.heartbeat_at == clock.now
+    assert sum(r.state == models.PENDING for r in rows.values()) == 92
+
+
+def test_claim_by_bytes_fills_up_to_the_target_and_takes_a_big_file_alone(make_ledger):
+    sizes = [300, 300, 300, 500, 2000] + [100] * 60
+    ledger, settings = make_ledger(sizes=sizes, batch_bytes=1000)
+    claims = [claim.claim_batch(ledger, "w", settings) for _ in range(4)]
+    assert [[f.size for f in c.files] for c in claims] == [[300, 300, 300], [500], [2000], [100] * 10]
+    assert [batches(ledger)[c.batch_id].n_bytes for c in claims] == [900, 500, 2000, 1000]
+
+
+def test_claim_with_nothing_pending_returns_none_and_makes_no_batch(make_ledger):
+    ledger, settings = make_ledger(2, batch_files=5)
+    claimed = []
+    while (c := claim.claim_batch(ledger, "w", settings)) is not None:
+        claimed += ids_of(c)
+    assert claimed == [1, 2]
+    n_batches = len(batches(ledger))
+    assert claim.claim_batch(ledger, "w", settings) is None
+    assert len(batches(ledger)) == n_batches
+
+
+def test_choose_batch_full_target_until_the_lookahead_is_exhausted():
+    pending = [Row(i, 1000, 0) for i in range(1, 201)]
+    assert len(choose_batch(pending, 40, None, live_workers=8, exhausted=False)) == 40
+    # exhausted: at most 1/(2*workers) of what remains
+    assert len(choose_batch(pending, 40, None, live_workers=8, exhausted=True)) == math.ceil(200 / 16)
+    assert len(choose_batch(pending, 40, None, live_workers=0, exhausted=True)) == 40  # 0 workers counts as 1
+    chosen = choose_batch(pending, None, 20_000, live_workers=8, exhausted=True)
+    assert sum(r.size for r in chosen) <= math.ceil(200_000 / 16) and len(chosen) == 12
+    assert len(choose_batch(pending, None, 20_000, live_workers=8, exhausted=False)) == 20
+
+
+@pytest.mark.parametrize("by", ["files", "bytes"])
+def test_choose_batch_shrinks_toward_the_end_of_the_run(by):
+    """Simulate claiming until empty: batches never grow, end at one file, and each takes at most
+    1/(2*workers) of what remains, so the tail spreads over every worker."""
+    workers = 8
+    pending = [Row(i, 1000, 0) for i in range(1, 301)]
+    sizes = []
+    while pending:
+        remaining = len(pending) if by == "files" else 1000 * len(pending)
+        chosen = choose_batch(pending, 40 if by == "files" else None, 40_000 if by == "bytes" else None,
+                              workers, exhausted=True)
+        amount = len(chosen) if by == "files" else sum(r.size for r in chosen)
+        assert 1 <= len(chosen) <= 40 and chosen == pending[: len(chosen)]
+        assert len(chosen) == 1 or amount <= math.ceil(remaining / (2 * workers))
+        sizes.append(len(chosen))
+        pending = pending[len(chosen):]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] < 40 and sizes[-1] == 1
+    assert sizes.count(1) >= workers  # the last batches are single files: one per worker at the end
+
+
+def test_claim_batch_shrinks_with_the_number_of_live_workers(make_ledger, clock):
+    ledger, settings = make_ledger(40, batch_files=10, clock=clock)
+    for n in range(4):
+        claim.register_worker(ledger, f"w{n}", "host", 100 + n, None)
+    assert len(claim.claim_batch(ledger, "w0", settings).files) == math.ceil(40 / (2 * 4))
+    # Workers silent for longer than lease + clock skew do not count: only the claimer itself is live.
+    clock.advance(settings.lease + settings.clock_skew + 1)
+    claim.worker_alive(ledger, "w0")
+    assert len(claim.claim_batch(ledger, "w0", settings).files) == min(10, math.ceil(35 / 2))
+
+
+def test_a_retried_file_is_claimed_alone(make_ledger):
+    ledger, settings = make_ledger(12, batch_files=4)
+    c = claim.claim_batch(ledger, "w", settings)
+    claim.fail_batch(ledger, c.batch_id, "w", "dorado exited 1", settings.max_attempts)
+    rows = files(ledger)
+    assert all(rows[i].state == models.PENDING and rows[i].attempts == 1 for i in ids_of(c))
+    again = [ids_of(claim.claim_batch(ledger, "w", settings)) for _ in range(5)]
+    assert again == [[1], [2], [3], [4], [5, 6, 7, 8]]
+
+
+def test_a_batch_stops_before_a_retried_file(make_ledger):
+    ledger, settings = make_ledger(20, batch_files=4)
+    a = claim.claim_batch(ledger, "w", settings)  # 1-4
+    b = claim.claim_batch(ledger, "w", settings)  # 5-8
+    results = ok_results(b)
+    results[1] = FileResult(6, ok=False, error="no reads out")
+    claim.publish(ledger, b.batch_id, "w", results, lambda: None, settings.max_attempts)
+    claim.release_batch(ledger, a.batch_id, "w", "SIGTERM")  # 1-4 pending again, no attempt counted
+    settings.batch_files = 8
+    assert ids_of(claim.claim_batch(ledger, "w", settings)) == [1, 2, 3, 4]
+    assert ids_of(claim.claim_batch(ledger, "w", settings)) == [6]
+    assert files(ledger)[6].attempts == 1 and files(ledger)[1].attempts == 0
+
+
+# -- publish ---------------------------------------------------------------------------------------------
+def test_publish_records_every_file_and_installs_once(make_ledger, clock):
+    ledger, settings = make_ledger(6, batch_files=3, clock=clock)
+    claim.register_worker(ledger, "w", "host", 1, "cuda:0")
+    c = claim.claim_batch(ledger, "w", settings)
+    installs = []
+    clock.advance(30)
+    claim.publish(ledger, c.batch_id, "w", ok_results(c), lambda: installs.append(1), settings.max_attempts)
+    assert installs == [1]
+    rows = files(ledger)
+    for i in ids_of(c):
+        r = rows[i]
+        assert (r.state, r.reads_pass, r.reads_fail, r.bases, r.done_at) == (models.DONE, 2, 1, 300, clock.now)
+    b = batches(ledger)[c.batch_id]
+    assert (b.state, b.finished_at) == (models.BATCH_DONE, clock.now)
+    workers = ledger.transact(lambda conn: conn.execute(sa.select(Worker)).all())
+    assert [(w.worker_id, w.batches_done) for w in workers] == [("w", 1)]
+
+
+# -- fencing ---------------------------------------------------------------------------------------------
+def assert_fenced(ledger, settings, batch_id, worker_id):
+    installs = []
+    with pytest.raises(NotOwner):
+        claim.heartbeat(ledger, batch_id, worker_id)
+    with pytest.raises(NotOwner):
+        claim.publish(ledger, batch_id, worker_id, [], lambda: installs.append(1), settings.max_attempts)
+    with pytest.raises(NotOwner):
+        claim.fail_batch(ledger, batch_id, worker_id, "late failure", settings.max_attempts)
+    with pytest.raises(NotOwner):
+        claim.release_batch(ledger, batch_id, worker_id, "late release")
+    assert installs == [], "a fenced worker's outputs were installed"
+
+
+def test_a_released_batch_is_no_longer_owned(make_ledger):
+    ledger, settings = make_ledger(4, batch_files=4)
+    c = claim.claim_batch(ledger, "w", settings)
+    claim.release_batch(ledger, c.batch_id, "w", "SIGTERM")
+    before = files(ledger)
+    assert all(r.state == models.PENDING and r.attempts == 0 and r.batch_id is None for r in before.values())
+    assert batches(ledger)[c.batch_id].state == models.RELEASED
+    assert_fenced(ledger, settings, c.batch_id, "w")
+    assert files(ledger) == before  # the refused calls changed nothing
+
+
+def test_another_worker_cannot_touch_a_batch(make_ledger):
+    ledger, settings = make_ledger(8, batch_files=4)
+    c = claim.claim_batch(ledger, "w1", settings)
+    assert_fenced(ledger, settings, c.batch_id, "w2")
+    assert_fenced(ledger, settings, 999, "w1")  # a batch that never existed
+    assert batches(ledger)[c.batch_id].state == models.RUNNING
+    rows = files(ledger)
+    assert ids_of(c) == [1, 2, 3, 4] and all(rows[i].state == models.CLAIMED for i in ids_of(c))
+
+
+def test_a_reclaimed_batch_fences_its_old_worker(make_ledger):
+    ledger, settings = make_ledger(6, batch_files=3)
+    old = claim.claim_batch(ledger, "w1", settings)
+    assert ids_of(old) == [1, 2, 3]
+    report = janitor.JanitorReport()
+    janitor.reclaim(ledger, settings, old.batch_id, report, reason="node lost (test)")
+    assert report.reclaimed == [old.batch_id] and report.files_returned == 3
+    rows = files(ledger)
+    assert all((rows[i].state, rows[i].attempts, rows[i].last_error) == (models.PENDING, 1, "reclaimed: node lost (test)")
+               for i in ids_of(old))
+    assert batches(ledger)[old.batch_id].state == models.RECLAIMED
+    assert_fenced(ledger, settings, old.batch_id, "w1")
+
+    new = claim.claim_batch(ledger, "w2", settings)  # the work moves on (reclaimed files batch normally)
+    assert new.batch_id > old.batch_id and ids_of(new) == [1, 2, 3]
+    assert_fenced(ledger, settings, old.batch_id, "w1")  # the zombie still cannot publish over it
+    claim.publish(ledger, new.batch_id, "w2", ok_results(new), lambda: None, settings.max_attempts)
+    assert files(ledger)[1].state == models.DONE
+
+
+def test_lease_expiry_follows_the_injected_clock(make_ledger, clock):
+    ledger, settings = make_ledger(4, batch_files=2, clock=clock)
+    c = claim.claim_batch(ledger, "w", settings)
+    assert ids_of(c) == [1, 2]
+    jan = janitor.Janitor(ledger, settings)
+    window = settings.lease + settings.clock_skew
+
+    clock.advance(window - 1)
+    assert jan.run_pass(one_shot=True).reclaimed == []
+    claim.heartbeat(ledger, c.batch_id, "w")  # the lease is renewed from now
+    assert batches(ledger)[c.batch_id].heartbeat_at == clock.now
+    clock.advance(window - 1)
+    assert jan.run_pass(one_shot=True).reclaimed == []
+    clock.advance(2)
+    assert jan.run_pass(one_shot=True).reclaimed == [c.batch_id]
+    rows = files(ledger)
+    assert all(rows[i].state == models.PENDING and "lease expired" in rows[i].last_error for i in ids_of(c))
+    with pytest.raises(NotOwner):
+        claim.heartbeat(ledger, c.batch_id, "w")
+
+
+# -- attempts ---------------------------------------------------------------------------------------------
+def test_past_max_attempts_a_file_fails_with_its_last_error(make_ledger):
+    ledger, settings = make_ledger(1, max_attempts=2)
+    c = claim.claim_batch(ledger, "w", settings)
+    claim.fail_batch(ledger, c.batch_id, "w", "dorado exited 1", settings.max_attempts)
+    assert (files(ledger)[1].state, files(ledger)[1].attempts) == (models.PENDING, 1)
+    c = claim.claim_batch(ledger, "w", settings)
+    claim.publish(ledger, c.batch_id, "w", [FileResult(1, ok=False, error="3 reads in, none out")], lambda: None,
+                  settings.max_attempts)
+    row = files(ledger)[1]
+    assert (row.state, row.attempts, row.last_error) == (models.FAILED, 2, "3 reads in, none out")
+    assert claim.claim_batch(ledger, "w", settings) is None  # a failed file is never claimed again
+
+    assert claim.retry_failed(ledger, None) == 1  # until the user asks
+    row = files(ledger)[1]
+    assert (row.state, row.attempts) == (models.PENDING, 0)
+
+
+def test_reclaim_past_max_attempts_fails_the_file(make_ledger):
+    ledger, settings = make_ledger(1, max_attempts=1)
+    c = claim.claim_batch(ledger, "w", settings)
+    janitor.reclaim(ledger, settings, c.batch_id, janitor.JanitorReport(), reason="worker vanished (test)")
+    row = files(ledger)[1]
+    assert (row.state, row.attempts, row.last_error) == (models.FAILED, 1, "reclaimed: worker vanished (test)")
+
+
+# -- fencing tokens and the lock --------------------------------------------------------------------------
+def test_batch_ids_are_never_reused(make_ledger):
+    ledger, settings = make_ledger(4)
+    a = claim.claim_batch(ledger, "w", settings)
+    b = claim.claim_batch(ledger, "w", settings)
+    claim.release_batch(ledger, b.batch_id, "w", "test")
+    ledger.transact(lambda conn: conn.execute(sa.delete(Batch).where(Batch.id == b.batch_id)))
+    assert max(batches(ledger)) == a.batch_id  # the highest id is gone from the table...
+    c = claim.claim_batch(ledger, "w", settings)
+    assert c.batch_id > b.batch_id  # ...but AUTOINCREMENT never hands it out again
+
+
+def test_every_transaction_waits_for_the_lock_file(make_ledger):
+    ledger, _settings = make_ledger(1)
+    impatient = type(ledger)(ledger.path, lock_timeout=0.3)
+    other = filelock.UnixFileLock(str(ledger.lock_path))  # another holder (flock is per open file)
+    with other:
+        with pytest.raises(LockTimeout):
+            impatient.transact(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(Pod5File)).scalar())
+    assert impatient.transact(lambda conn: conn.execute(sa.select(sa.func.count()).select_from(Pod5File)).scalar()) == 1
+
+
+def test_ledger_uses_a_rollback_journal_and_full_sync(make_ledger):
+    ledger, _settings = make_ledger(1)
+    mode, sync = ledger.transact(
+        lambda conn: (conn.exec_driver_sql("PRAGMA journal_mode").scalar(),
+                      conn.exec_driver_sql("PRAGMA synchronous").scalar())
+    )
+    assert (mode.lower(), sync) == ("delete", 2)  # never WAL on a shared filesystem; 2 = FULL
