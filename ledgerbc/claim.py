@@ -164,17 +164,21 @@ def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
     def txn(conn):
         now = _now(ledger)
         t = Pod5File
-        pending = conn.execute(
-            sa.select(t.id, t.rel_path, t.size, t.read_count, t.attempts, t.last_error)
-            .where(t.state == PENDING)
-            .order_by(t.id)
-            .limit(LOOKAHEAD)
+        live = _live_workers(conn, now, settings.lease + settings.clock_skew)
+        # Read only as far ahead as the sizing rule needs: with a file target, whether fewer than
+        # target x share files remain; with a byte target, up to LOOKAHEAD rows. Lean columns and the
+        # driver's own rows: this read is most of a claim's time under the lock.
+        lookahead = LOOKAHEAD
+        if settings.batch_files is not None:
+            lookahead = min(LOOKAHEAD, settings.batch_files * 2 * max(1, live) + 1)
+        pending = conn.exec_driver_sql(
+            "SELECT id, size, attempts, last_error FROM pod5_files WHERE state = ? ORDER BY id LIMIT ?",
+            (PENDING, lookahead),
         ).all()
         if not pending:
             return None
-        live = _live_workers(conn, now, settings.lease + settings.clock_skew)
         chosen = choose_batch(
-            pending, settings.batch_files, settings.batch_bytes, live, exhausted=len(pending) < LOOKAHEAD
+            pending, settings.batch_files, settings.batch_bytes, live, exhausted=len(pending) < lookahead
         )
         batch_id = conn.execute(
             sa.insert(Batch).values(
@@ -189,8 +193,12 @@ def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
         if moved != len(ids):  # the row count proves the claim; anything else is a protocol breach
             raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(ids)} files.")
         touch_worker(conn, worker_id, now)
+        details = dict(
+            (r.id, r) for r in conn.execute(sa.select(t.id, t.rel_path, t.read_count).where(t.id.in_(ids)))
+        )
         return Claim(
-            batch_id, worker_id, [ClaimedFile(r.id, r.rel_path, r.size, r.read_count, r.attempts) for r in chosen]
+            batch_id, worker_id,
+            [ClaimedFile(r.id, details[r.id].rel_path, r.size, details[r.id].read_count, r.attempts) for r in chosen],
         )
 
     return ledger.transact(txn)
@@ -263,15 +271,16 @@ def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], in
         install()
         t = Pod5File
         good = [r for r in results if r.ok]
-        for r in good:
+        if good:
             moved = conn.execute(
-                sa.update(t).where(t.id == r.file_id, t.batch_id == batch_id, t.state == CLAIMED).values(
-                    state=DONE, reads_pass=r.reads_pass, reads_fail=r.reads_fail, reads_missing=r.reads_missing,
-                    bases=r.bases, done_at=now, last_error=None,
-                )
+                sa.update(t).where(t.id == sa.bindparam("fid"), t.batch_id == batch_id, t.state == CLAIMED).values(
+                    state=DONE, reads_pass=sa.bindparam("rp"), reads_fail=sa.bindparam("rf"),
+                    reads_missing=sa.bindparam("rm"), bases=sa.bindparam("nb"), done_at=now, last_error=None,
+                ),
+                [dict(fid=r.file_id, rp=r.reads_pass, rf=r.reads_fail, rm=r.reads_missing, nb=r.bases) for r in good],
             ).rowcount
-            if moved != 1:
-                raise IllegalTransition(f"file {r.file_id} of batch {batch_id} was not claimed by it.")
+            if moved != len(good):
+                raise IllegalTransition(f"{len(good) - moved} files of batch {batch_id} were not claimed by it.")
         for r in results:
             if not r.ok:
                 return_files(conn, batch_id, [r.file_id], r.error, True, max_attempts, now)

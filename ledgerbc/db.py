@@ -9,6 +9,7 @@ Rules for SQLite on a shared (network) filesystem, each learnt the hard way:
 - `synchronous=FULL` and `BEGIN IMMEDIATE`: the write lock is taken at once, not on first write.
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -29,7 +30,7 @@ from . import errors, models
 KNOWN_REVISIONS = ("0001", "0002")
 SCHEMA_HEAD = KNOWN_REVISIONS[-1]
 
-LOCK_ATTEMPT_SECONDS = 10.0  # one wait for the lock file; retried up to `lock_timeout` in total
+LOCK_POLL = float(os.environ.get("LEDGERBC_LOCK_POLL", "0.01"))  # seconds between attempts at a held lock (jittered)
 IO_RETRIES = 4
 
 _CORRUPT_MARKERS = ("file is not a database", "malformed", "not a database", "file is encrypted")
@@ -103,6 +104,8 @@ class Ledger:
         self._lock = _flock(self.lock_path)
         self._engine = None
         self._schema_checked = False
+        self._released_at: float | None = None
+        self._contended = False
         # Janitor stall rule: `contact_since` is when this process's current run of uninterrupted ledger
         # access began; a gap longer than `stall_gap` between successful transactions restarts it.
         self.last_contact: float | None = None
@@ -110,27 +113,44 @@ class Ledger:
         self.stall_gap: float = float("inf")
 
     # -- locking -----------------------------------------------------------------------------
+    @contextlib.contextmanager
     def locked(self):
         """The global lock as a context manager, for work that must not interleave with any transaction."""
+        # Fairness. Waiters poll (filelock has no queue), so a process that releases the lock and takes
+        # it again at once (publish, then claim) would always win and starve them for seconds
+        # (bench/claim.py). After a hold it had to wait for, a process lets one poll period pass
+        # before it retakes the lock, so the waiters get their turn. Uncontended, this costs nothing.
+        if self._contended and self._released_at is not None:
+            courtesy = 1.5 * LOCK_POLL - (time.monotonic() - self._released_at)
+            if courtesy > 0:
+                time.sleep(courtesy)
         deadline = time.monotonic() + self.lock_timeout
-        attempt = 0
+        waited = False
         while True:
             try:
-                return self._lock.acquire(timeout=min(LOCK_ATTEMPT_SECONDS, self.lock_timeout))
+                self._lock.acquire(blocking=False)
+                break
             except filelock.Timeout:
+                waited = True
                 if time.monotonic() >= deadline:
                     raise errors.LockTimeout(
                         f"could not take the ledger lock {self.lock_path} within "
                         f"{self.lock_timeout:.0f}s. Check for a hung process holding it "
                         "(`ledgerbc doctor`)."
                     ) from None
-                time.sleep(_backoff(attempt))
-                attempt += 1
+                # Short and jittered: transactions hold the lock for a few milliseconds.
+                time.sleep(random.uniform(0.5, 1.5) * LOCK_POLL)
             except OSError as exc:
                 raise errors.UnsafeFilesystem(
                     f"cannot lock {self.lock_path}: {exc.strerror or exc}. The ledger folder must "
                     "be writable and support file locks; run `ledgerbc doctor`."
                 ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+            self._released_at = time.monotonic()
+            self._contended = waited
 
     # -- transactions ------------------------------------------------------------------------
     def transact(self, fn, *args, **kwargs):
