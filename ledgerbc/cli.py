@@ -5,7 +5,6 @@ Exit codes are those of `ledgerbc.errors` (documented in the README).
 """
 
 import json
-import os
 import sys
 import time
 import traceback

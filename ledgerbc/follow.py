@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from . import claim, roles
 from .models import (
-    CLAIMED, DONE, DUPLICATE, FAILED, PENDING, RUNNING, WAITING, Batch, Event, Pod5File, Role, Worker,
+    CLAIMED, DONE, DUPLICATE, FAILED, PENDING, RUNNING, WAITING, Batch, Event, Pod5File, Role,
 )
 from .scan import Scanner
 

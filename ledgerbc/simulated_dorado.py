@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pod5
 import pysam

@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 from ledgerbc import doctor, errors, models
 from ledgerbc.cli import cli
-from ledgerbc.db import Ledger
 from ledgerbc.testing import install_fake_dorado
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

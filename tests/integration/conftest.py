@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_for  # noqa: F401  (tests/ is on sys.path: re-exported for the integration tests)
 from ledgerbc.testing import install_fake_dorado
 
 ENV_FILE = Path("/run/ledgerbc-ci/env")
@@ -65,17 +66,6 @@ def cli(*args, env, cwd=None, timeout=300, check=True) -> subprocess.CompletedPr
     if check:
         assert proc.returncode == 0, f"ledgerbc {args[0]} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Slurm:
