@@ -32,6 +32,7 @@ if [ "$(id -u)" = 0 ] && [ "${LEDGERBC_CI_NO_CLUSTER:-0}" != 1 ]; then
   fi
 fi
 # In CI the integration tests must run, not skip (tests/integration/conftest.py honours this).
-[ "${CI:-}" = true ] && export LEDGERBC_REQUIRE_INTEGRATION=1
+# CI also runs the fresh-venv install test (`pip install .` into a new venv, then init on real data).
+if [ "${CI:-}" = true ]; then export LEDGERBC_REQUIRE_INTEGRATION=1 LEDGERBC_TEST_FRESH_VENV=1; fi
 export PATH="$VENV/bin:$PATH"
 "$VENV/bin/python" -m pytest -q -ra "$@"
