@@ -92,7 +92,6 @@ class Worker:
         self.layout = Layout(Path(self.settings.output_dir))
         executable = dorado.find_executable(self.settings)
         self.janitor = janitor.Janitor(self.ledger, self.settings)
-        self.ledger.stall_gap = self.settings.heartbeat + self.settings.clock_skew
         claim.register_worker(self.ledger, self.worker_id, hostname(), os.getpid(), self.opts.device)
         janitor.reclaim_own_stale(self.ledger, self.settings, self.worker_id)
         code = EXIT_OK
