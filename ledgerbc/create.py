@@ -5,6 +5,7 @@ import tempfile
 from pathlib import Path
 
 from . import db
+from .durable import fsync_dir
 from .errors import AlreadyInitialized, BadInput
 from .layout import Layout
 from .scan import Scanner
@@ -74,7 +75,7 @@ def init_ledger(settings: Settings, ledger_path: Path | None = None, progress=No
                     f"another `ledgerbc init` created {ledger_path} first. Use `ledgerbc scan` to add files."
                 )
             os.replace(tmp, ledger_path)
-            db.fsync_dir(ledger_path.parent)
+            fsync_dir(ledger_path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -25,6 +25,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import NullPool
 
 from . import errors, models
+from .durable import fsync_path
 
 # Schema revisions this version knows, oldest first; the last is what it writes.
 KNOWN_REVISIONS = ("0001", "0002")
@@ -305,17 +306,3 @@ def create_ledger_file(path: Path, settings, revision: str = SCHEMA_HEAD) -> Non
         engine.dispose()
     fsync_path(path)
 
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fsync_path(path)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic

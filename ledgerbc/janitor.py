@@ -122,9 +122,7 @@ def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool 
 
 
 def _mark_done_from_disk(conn, layout, emit, file_id, rel, now):
-    passed = split.count_output_reads(layout.pass_path(rel, emit))
-    fail_path = layout.fail_path(rel, emit)
-    failed = split.count_output_reads(fail_path) if fail_path.exists() else 0
+    passed, failed = split.count_published(layout.pass_path(rel, emit), layout.fail_path(rel, emit))
     conn.execute(
         sa.update(Pod5File).where(Pod5File.id == file_id)
         .values(state=DONE, reads_pass=passed, reads_fail=failed, done_at=now, last_error=None)

@@ -21,6 +21,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from . import claim, db, models, split
+from .durable import fsync_dir
 from .create import check_input_dir, check_output_dir
 from .errors import BadInput
 from .layout import Layout
@@ -69,7 +70,7 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time):
             if journal.exists():
                 os.replace(journal, replaced.with_name(f"{replaced.name}-journal"))
             os.replace(tmp, ledger_path)
-            db.fsync_dir(ledger_path.parent)
+            fsync_dir(ledger_path.parent)
     finally:
         for leftover in (tmp, Path(f"{tmp}.lock")):
             if leftover.exists():
@@ -79,9 +80,7 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time):
 
 
 def _count(layout, emit, rel):
-    passed = split.count_output_reads(layout.pass_path(rel, emit))
-    fail = layout.fail_path(rel, emit)
-    return passed, split.count_output_reads(fail) if fail.exists() else 0
+    return split.count_published(layout.pass_path(rel, emit), layout.fail_path(rel, emit))
 
 
 def _max_batch_id(layout: Layout, ledger_path: Path) -> int:

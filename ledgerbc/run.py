@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import claim, dorado, janitor, pod5check, roles, split
+from .durable import fsync_dir
 from .errors import LedgerCorrupt, LedgerError, LedgerNotFound, LockTimeout, NotOwner
 from .layout import Layout, link_name
 from .slurm import default_worker_id, hostname
@@ -334,8 +335,6 @@ def publish_outputs(layout: Layout, emit: str, result: split.SplitResult, ok_ids
         # pass/ last: a pass/ file marks its input done (reclaim, rebuild), so its fail/ part must be in place.
         _install(out.pass_path, final_pass, touched)
     for folder in touched:
-        from .db import fsync_dir
-
         fsync_dir(folder)
 
 

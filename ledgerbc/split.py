@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pysam
 
+from .durable import fsync_dir
 from .layout import output_relpath  # noqa: F401  (re-exported: callers split by it)
 
 EMITS = ("fastq", "fastq.gz", "bam")  # also the output file extensions
@@ -128,14 +129,6 @@ def _allow_open_files(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
               min_qscore: float = 0.0) -> SplitResult:
     """Split dorado's BAM into one pass (and, if needed, one fail) output per link in `links`.
@@ -208,7 +201,7 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
         if out.fail_path is None:  # a stale fail file from an earlier attempt must not survive
             (staging / "fail" / targets[name]).unlink(missing_ok=True)
     for folder in {w.final.parent for w in writers.values()}:
-        _fsync_dir(folder)
+        fsync_dir(folder)
     return SplitResult(files=files, foreign=foreign, untagged=untagged)
 
 
@@ -224,3 +217,9 @@ def count_output_reads(path) -> int:
         while chunk := handle.read(1 << 20):
             lines += chunk.count(b"\n")
     return lines // 4
+
+
+def count_published(pass_path, fail_path) -> tuple[int, int]:
+    """(pass reads, fail reads) of one published input: its pass/ output, and its fail/ output if any."""
+    fail_path = Path(fail_path)
+    return count_output_reads(pass_path), count_output_reads(fail_path) if fail_path.exists() else 0
