@@ -72,7 +72,7 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time):
             os.replace(tmp, ledger_path)
             fsync_dir(ledger_path.parent)
     finally:
-        for leftover in (tmp, Path(f"{tmp}.lock")):
+        for leftover in (tmp, Path(f"{tmp}.lock"), Path(f"{tmp}.turnstile")):
             if leftover.exists():
                 leftover.unlink()
     settings.write_json()

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import namedtuple
 
 import filelock
@@ -284,3 +289,47 @@ def test_ledger_uses_a_rollback_journal_and_full_sync(make_ledger):
                       conn.exec_driver_sql("PRAGMA synchronous").scalar())
     )
     assert (mode.lower(), sync) == ("delete", 2)  # never WAL on a shared filesystem; 2 = FULL
+
+
+def test_a_process_frozen_in_the_turnstile_delays_others_briefly_not_forever(make_ledger, monkeypatch):
+    """The turnstile (db._Turnstile) only orders waiters. A process stopped while holding it (SIGSTOP: a
+    suspended job) makes each other process wait at most TURN_WAIT once, then poll the lock directly."""
+    from ledgerbc import db
+
+    ledger, _settings = make_ledger(3)
+    monkeypatch.setattr(db, "TURN_WAIT", 0.3)
+    frozen = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\ntime.sleep(60)", str(ledger.path) + ".turnstile"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert frozen.stdout.readline().strip() == "held"
+        os.kill(frozen.pid, signal.SIGSTOP)
+        other = type(ledger)(ledger.path)
+        count = lambda conn: conn.execute(sa.select(sa.func.count()).select_from(Pod5File)).scalar()  # noqa: E731
+        t0 = time.monotonic()
+        assert other.transact(count) == 3
+        first = time.monotonic() - t0
+        t0 = time.monotonic()
+        for _ in range(5):
+            assert other.transact(count) == 3
+        assert first >= 0.3  # it did wait for its turn once...
+        assert time.monotonic() - t0 < 0.3 * 5  # ...then stopped waiting for the frozen holder
+    finally:
+        os.kill(frozen.pid, signal.SIGKILL)
+        frozen.wait()
+
+
+def test_processes_take_turns_at_the_lock(make_ledger):
+    """Under contention every process gets its turn (the turnstile): 6 processes, 60 transactions each,
+    all finish, and the ledger counts every one of them (no lost update)."""
+    ledger, _settings = make_ledger(1)
+    script = (
+        "import sys\nfrom ledgerbc.db import Ledger\nL = Ledger(sys.argv[1])\n"
+        "for _ in range(60):\n"
+        "    L.transact(lambda c: c.exec_driver_sql('UPDATE pod5_files SET attempts = attempts + 1'))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(ledger.path)]) for _ in range(6)]
+    assert [p.wait(120) for p in procs] == [0] * 6
+    assert ledger.transact(lambda c: c.exec_driver_sql("SELECT attempts FROM pod5_files").scalar()) == 360
