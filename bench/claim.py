@@ -54,7 +54,7 @@ FLASK = {  # (clients, batch files) -> (assignments/s, p50 ms, p99 ms) of the re
 }
 
 
-def worker(ledger_path: str, worker_id: str, barrier, seconds: float, out_path: str) -> None:
+def worker(ledger_path: str, worker_id: str, barrier, seconds: float, out_path: str, separate: bool) -> None:
     try:
         ledger = db.Ledger(ledger_path)
         settings = ledger.read_settings()
@@ -63,17 +63,27 @@ def worker(ledger_path: str, worker_id: str, barrier, seconds: float, out_path: 
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         start = time.monotonic()
         claim_ms, publish_ms, files = [], [], 0
+        c = None
         while time.monotonic() - start < seconds:
             t0 = time.perf_counter()
-            c = claim.claim_batch(ledger, worker_id, settings)
-            t1 = time.perf_counter()
-            if c is None:
-                break
-            claim_ms.append((t1 - t0) * 1000)
-            results = [FileResult(f.id, ok=True, reads_pass=f.read_count or 0) for f in c.files]
-            claim.publish(ledger, c.batch_id, worker_id, results, lambda: None, settings.max_attempts)
-            publish_ms.append((time.perf_counter() - t1) * 1000)
+            if c is None:  # the first claim (and every claim in --separate mode)
+                c = claim.claim_batch(ledger, worker_id, settings)
+                if c is None:
+                    break
+                claim_ms.append((time.perf_counter() - t0) * 1000)
             files += len(c.files)
+            results = [FileResult(f.id, ok=True, reads_pass=f.read_count or 0) for f in c.files]
+            t1 = time.perf_counter()
+            # What `ledgerbc run` does: publish the batch and claim the next one in one transaction;
+            # that transaction is the next assignment's claim latency.
+            c = claim.publish(ledger, c.batch_id, worker_id, results, lambda: None, settings.max_attempts,
+                              claim_next=None if separate else settings)
+            t2 = time.perf_counter()
+            publish_ms.append((t2 - t1) * 1000)
+            if not separate:
+                if c is None:
+                    break
+                claim_ms.append((t2 - t1) * 1000)
         end = time.monotonic()
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -84,7 +94,8 @@ def worker(ledger_path: str, worker_id: str, barrier, seconds: float, out_path: 
         raise
 
 
-def run_config(where: str, folders: list[Path], procs: int, batch: int, n_files: int, seconds: float) -> dict:
+def run_config(where: str, folders: list[Path], procs: int, batch: int, n_files: int, seconds: float,
+               separate: bool = False) -> dict:
     """One configuration: a new ledger in folders[0] (folders[1], if any, is the same folder via another mount)."""
     ledger_path = folders[0] / "ledgerbc.db"
     new_ledger(ledger_path, folders[0] / "input", folders[0] / "output", batch_files=batch, batch_bytes=None)
@@ -99,7 +110,7 @@ def run_config(where: str, folders: list[Path], procs: int, batch: int, n_files:
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(procs)
     outs = [folders[0] / f"result-{i}.json" for i in range(procs)]
-    ps = [ctx.Process(target=worker, args=(str(paths[i]), f"bench{i:02d}@{where}", barrier, seconds, str(outs[i])))
+    ps = [ctx.Process(target=worker, args=(str(paths[i]), f"bench{i:02d}@{where}", barrier, seconds, str(outs[i]), separate))
           for i in range(procs)]
     load_before = os.getloadavg()[0]
     for p in ps:
@@ -122,7 +133,7 @@ def run_config(where: str, folders: list[Path], procs: int, batch: int, n_files:
     files = sum(r["files"] for r in results)
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {
-        "where": where, "procs": procs, "batch": batch, "ledger_files": n_files, "seconds": round(wall, 2),
+        "where": where + ("/2txn" if separate else ""), "procs": procs, "batch": batch, "ledger_files": n_files, "seconds": round(wall, 2),
         "assignments": len(claims), "files": files,
         "assignments_per_s": round(len(claims) / wall, 1), "files_per_s": round(files / wall, 1),
         "claim_p50_ms": round(pct(claims, 50), 1), "claim_p99_ms": round(pct(claims, 99), 1),
@@ -168,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,40", help="comma-separated batch sizes (files)")
     ap.add_argument("--where", default="local,gluster", help="local and/or gluster (gluster needs the env vars)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--also-separate", action="store_true",
+                    help="also run each configuration with claim and publish as two transactions (before 0.2)")
     args = ap.parse_args(argv)
 
     places = []
@@ -191,15 +204,18 @@ def main(argv=None) -> int:
                 else:
                     folders = [m / sub for m in mounts]
                     folders[0].mkdir()
-                try:
-                    rate = 300 if batch == 1 else 60  # generous upper guesses of assignments/s
-                    n = ledger_files(batch, procs, args.seconds, rate)
-                    row = run_config(where, folders, procs, batch, n, args.seconds)
-                finally:
-                    shutil.rmtree(folders[0], ignore_errors=True)
-                rows.append(row)
-                print(f"  {where} procs={procs} batch={batch}: {row['assignments_per_s']} assignments/s, "
-                      f"claim p50 {row['claim_p50_ms']} ms, p99 {row['claim_p99_ms']} ms", flush=True)
+                for separate in ([False, True] if args.also_separate else [False]):
+                    try:
+                        rate = 1000 if batch == 1 else 300  # generous upper guesses of assignments/s
+                        n = ledger_files(batch, procs, args.seconds, rate)
+                        row = run_config(where, folders, procs, batch, n, args.seconds, separate)
+                    finally:
+                        shutil.rmtree(folders[0], ignore_errors=True)
+                    folders[0].mkdir()  # the next mode starts from an empty folder
+                    rows.append(row)
+                    print(f"  {row['where']} procs={procs} batch={batch}: {row['assignments_per_s']} assignments/s, "
+                          f"claim p50 {row['claim_p50_ms']} ms, p99 {row['claim_p99_ms']} ms", flush=True)
+                shutil.rmtree(folders[0], ignore_errors=True)
     print()
     print(table(rows))
     if args.json:

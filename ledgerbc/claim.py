@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from . import models
 from .errors import IllegalTransition, NotOwner
-from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Batch, Event, Pod5File, Worker
+from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Pod5File, Worker
 
 LOOKAHEAD = 2048  # pending rows read per claim: enough to size the batch, cheap on a 1M-file ledger
 # Errors of files a janitor took back start with this: the worker died, not (necessarily) the file.
@@ -58,17 +58,35 @@ def _now(ledger) -> float:
     return ledger.clock()
 
 
+# The hot path (claim, publish, heartbeat) runs these statements as plain SQL: built once, no SQLAlchemy
+# statement construction or cache-key work under the global lock (that was ~2 of the ~5 ms a claim and
+# its publication held the lock; bench/claim.py). Column names are those of models.py.
+_SQL_EVENT = "INSERT INTO events (ts, kind, worker_id, batch_id, file_id, message) VALUES (?, ?, ?, ?, ?, ?)"
+_SQL_OWNER = "SELECT worker_id, state FROM batches WHERE id = ?"
+_SQL_TOUCH = "UPDATE workers SET last_seen = ?, state = 'running' WHERE worker_id = ?"
+_SQL_LIVE = "SELECT count(*) FROM workers WHERE state = 'running' AND last_seen >= ?"
+_SQL_PENDING = "SELECT id, size, attempts, last_error FROM pod5_files WHERE state = ? ORDER BY id LIMIT ?"
+_SQL_NEW_BATCH = (
+    "INSERT INTO batches (worker_id, state, claimed_at, heartbeat_at, n_files, n_bytes) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_SQL_TAKE_FILE = "UPDATE pod5_files SET state = ?, batch_id = ? WHERE id = ? AND state = ?"
+_SQL_FILE_DETAILS = "SELECT id, rel_path, read_count FROM pod5_files WHERE id IN ({})"  # by primary key
+_SQL_BEAT = "UPDATE batches SET heartbeat_at = ? WHERE id = ?"
+_SQL_FILE_DONE = (
+    "UPDATE pod5_files SET state = ?, reads_pass = ?, reads_fail = ?, reads_missing = ?, bases = ?, done_at = ?,"
+    " last_error = NULL WHERE id = ? AND batch_id = ? AND state = ?"
+)
+_SQL_FINISH = "UPDATE batches SET state = ?, finished_at = ?, error = ? WHERE id = ? AND state = ?"
+_SQL_WORKER_DONE = "UPDATE workers SET batches_done = batches_done + 1, last_seen = ? WHERE worker_id = ?"
+
+
 def _event(conn, now, kind, worker_id=None, batch_id=None, file_id=None, message=None):
-    conn.execute(
-        sa.insert(Event).values(
-            ts=now, kind=kind, worker_id=worker_id, batch_id=batch_id, file_id=file_id, message=message
-        )
-    )
+    conn.exec_driver_sql(_SQL_EVENT, (now, kind, worker_id, batch_id, file_id, message))
 
 
-def _owned(conn, batch_id: int, worker_id: str) -> Batch:
+def _owned(conn, batch_id: int, worker_id: str):
     """The guard: the batch must be running and owned by `worker_id`."""
-    row = conn.execute(sa.select(Batch.worker_id, Batch.state).where(Batch.id == batch_id)).first()
+    row = conn.exec_driver_sql(_SQL_OWNER, (batch_id,)).first()
     if row is None or row.worker_id != worker_id or row.state != RUNNING:
         state = "gone" if row is None else f"{row.state}, owner {row.worker_id}"
         raise NotOwner(f"batch {batch_id} is no longer owned by {worker_id} ({state}): this worker was fenced.")
@@ -78,6 +96,9 @@ def _owned(conn, batch_id: int, worker_id: str) -> Batch:
 # -- workers -----------------------------------------------------------------------------------------
 def touch_worker(conn, worker_id: str, now: float, **values) -> None:
     """Mark a worker alive, re-creating its row if a rebuilt ledger does not know it yet."""
+    if not values:  # the hot path: claims, heartbeats
+        if conn.exec_driver_sql(_SQL_TOUCH, (now, worker_id)).rowcount:
+            return
     values = dict(last_seen=now, state="running", **values)
     updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
     if updated.rowcount == 0:
@@ -106,9 +127,7 @@ def worker_exited(ledger, worker_id: str, reason: str = "") -> None:
 
 # -- claim -------------------------------------------------------------------------------------------
 def _live_workers(conn, now: float, window: float) -> int:
-    return conn.execute(
-        sa.select(sa.func.count()).select_from(Worker).where(Worker.state == "running", Worker.last_seen >= now - window)
-    ).scalar_one()
+    return conn.exec_driver_sql(_SQL_LIVE, (now - window,)).scalar_one()
 
 
 def suspect(row) -> bool:
@@ -160,48 +179,37 @@ def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: boo
 
 def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
     """Atomically claim the next batch of pending files for `worker_id`; None when nothing is pending."""
+    return ledger.transact(lambda conn: _claim(conn, worker_id, settings, _now(ledger)))
 
-    def txn(conn):
-        now = _now(ledger)
-        t = Pod5File
-        live = _live_workers(conn, now, settings.lease + settings.clock_skew)
-        # Read only as far ahead as the sizing rule needs: with a file target, whether fewer than
-        # target x share files remain; with a byte target, up to LOOKAHEAD rows. Lean columns and the
-        # driver's own rows: this read is most of a claim's time under the lock.
-        lookahead = LOOKAHEAD
-        if settings.batch_files is not None:
-            lookahead = min(LOOKAHEAD, settings.batch_files * 2 * max(1, live) + 1)
-        pending = conn.exec_driver_sql(
-            "SELECT id, size, attempts, last_error FROM pod5_files WHERE state = ? ORDER BY id LIMIT ?",
-            (PENDING, lookahead),
-        ).all()
-        if not pending:
-            return None
-        chosen = choose_batch(
-            pending, settings.batch_files, settings.batch_bytes, live, exhausted=len(pending) < lookahead
-        )
-        batch_id = conn.execute(
-            sa.insert(Batch).values(
-                worker_id=worker_id, state=RUNNING, claimed_at=now, heartbeat_at=now,
-                n_files=len(chosen), n_bytes=sum(r.size for r in chosen),
-            )
-        ).inserted_primary_key[0]
-        ids = [r.id for r in chosen]
-        moved = conn.execute(
-            sa.update(t).where(t.id.in_(ids), t.state == PENDING).values(state=CLAIMED, batch_id=batch_id)
-        ).rowcount
-        if moved != len(ids):  # the row count proves the claim; anything else is a protocol breach
-            raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(ids)} files.")
-        touch_worker(conn, worker_id, now)
-        details = dict(
-            (r.id, r) for r in conn.execute(sa.select(t.id, t.rel_path, t.read_count).where(t.id.in_(ids)))
-        )
-        return Claim(
-            batch_id, worker_id,
-            [ClaimedFile(r.id, details[r.id].rel_path, r.size, details[r.id].read_count, r.attempts) for r in chosen],
-        )
 
-    return ledger.transact(txn)
+def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
+    """The claim itself, inside a transaction (claim_batch, or publish with claim_next)."""
+    live = _live_workers(conn, now, settings.lease + settings.clock_skew)
+    # Read only as far ahead as the sizing rule needs: with a file target, whether fewer than
+    # target x share files remain; with a byte target, up to LOOKAHEAD rows. Lean columns and the
+    # driver's own rows: this read is most of a claim's time under the lock.
+    lookahead = LOOKAHEAD
+    if settings.batch_files is not None:
+        lookahead = min(LOOKAHEAD, settings.batch_files * 2 * max(1, live) + 1)
+    pending = conn.exec_driver_sql(_SQL_PENDING, (PENDING, lookahead)).all()
+    if not pending:
+        return None
+    chosen = choose_batch(
+        pending, settings.batch_files, settings.batch_bytes, live, exhausted=len(pending) < lookahead
+    )
+    batch_id = conn.exec_driver_sql(
+        _SQL_NEW_BATCH, (worker_id, RUNNING, now, now, len(chosen), sum(r.size for r in chosen))
+    ).lastrowid
+    moved = conn.exec_driver_sql(_SQL_TAKE_FILE, [(CLAIMED, batch_id, r.id, PENDING) for r in chosen]).rowcount
+    if moved != len(chosen):  # the row count proves the claim; anything else is a protocol breach
+        raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(chosen)} files.")
+    touch_worker(conn, worker_id, now)
+    ids = tuple(r.id for r in chosen)
+    details = {r.id: r for r in conn.exec_driver_sql(_SQL_FILE_DETAILS.format(", ".join("?" * len(ids))), ids)}
+    return Claim(
+        batch_id, worker_id,
+        [ClaimedFile(r.id, details[r.id].rel_path, r.size, details[r.id].read_count, r.attempts) for r in chosen],
+    )
 
 
 # -- while dorado runs --------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def heartbeat(ledger, batch_id: int, worker_id: str) -> None:
     def txn(conn):
         now = _now(ledger)
         _owned(conn, batch_id, worker_id)
-        conn.execute(sa.update(Batch).where(Batch.id == batch_id).values(heartbeat_at=now))
+        conn.exec_driver_sql(_SQL_BEAT, (now, batch_id))
         touch_worker(conn, worker_id, now)
 
     ledger.transact(txn)
@@ -255,29 +263,29 @@ def _batch_file_ids(conn, batch_id: int) -> list[int]:
 
 
 def _finish_batch(conn, batch_id, state, now, error=None):
-    conn.execute(
-        sa.update(Batch).where(Batch.id == batch_id, Batch.state == RUNNING)
-        .values(state=state, finished_at=now, error=error)
-    )
+    conn.exec_driver_sql(_SQL_FINISH, (state, now, error, batch_id, RUNNING))
 
 
-def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], install, max_attempts: int) -> None:
+def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], install, max_attempts: int,
+            claim_next=None) -> Claim | None:
     """Publish a finished batch: if still ours, `install()` (the renames into pass/ and fail/) and
-    record every file's outcome, in one transaction. `install` must be idempotent (it may rerun)."""
+    record every file's outcome, in one transaction. `install` must be idempotent (it may rerun).
+
+    With `claim_next` (the settings), the same transaction also claims the worker's next batch and
+    returns it (None when nothing is pending): one transaction per batch instead of two, so the lock is
+    held half as often (bench/claim.py). Without it, returns None.
+    """
 
     def txn(conn):
         now = _now(ledger)
         _owned(conn, batch_id, worker_id)
         install()
-        t = Pod5File
         good = [r for r in results if r.ok]
         if good:
-            moved = conn.execute(
-                sa.update(t).where(t.id == sa.bindparam("fid"), t.batch_id == batch_id, t.state == CLAIMED).values(
-                    state=DONE, reads_pass=sa.bindparam("rp"), reads_fail=sa.bindparam("rf"),
-                    reads_missing=sa.bindparam("rm"), bases=sa.bindparam("nb"), done_at=now, last_error=None,
-                ),
-                [dict(fid=r.file_id, rp=r.reads_pass, rf=r.reads_fail, rm=r.reads_missing, nb=r.bases) for r in good],
+            moved = conn.exec_driver_sql(
+                _SQL_FILE_DONE,
+                [(DONE, r.reads_pass, r.reads_fail, r.reads_missing, r.bases, now, r.file_id, batch_id, CLAIMED)
+                 for r in good],
             ).rowcount
             if moved != len(good):
                 raise IllegalTransition(f"{len(good) - moved} files of batch {batch_id} were not claimed by it.")
@@ -286,13 +294,11 @@ def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], in
                 return_files(conn, batch_id, [r.file_id], r.error, True, max_attempts, now)
                 _event(conn, now, "file-failed", worker_id, batch_id, r.file_id, r.error)
         _finish_batch(conn, batch_id, models.BATCH_DONE, now)
-        conn.execute(
-            sa.update(Worker).where(Worker.worker_id == worker_id)
-            .values(batches_done=Worker.batches_done + 1, last_seen=now)
-        )
+        conn.exec_driver_sql(_SQL_WORKER_DONE, (now, worker_id))
         _event(conn, now, "batch-done", worker_id, batch_id, message=f"{len(good)}/{len(results)} files done")
+        return _claim(conn, worker_id, claim_next, now) if claim_next is not None else None
 
-    ledger.transact(txn)
+    return ledger.transact(txn)
 
 
 def fail_batch(ledger, batch_id: int, worker_id: str, error: str, max_attempts: int) -> None:

@@ -8,6 +8,7 @@ mass-reclaim live work. `ledgerbc recover` (one-shot) judges by heartbeat age al
 """
 
 import logging
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from . import claim, models, split
+from . import claim, lease, models, split
 from .layout import Layout
 from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File
 
 log = logging.getLogger("ledgerbc.janitor")
+
+CREW = 4  # janitor passes per heartbeat interval across all busy workers (Janitor.maybe_run)
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Janitor:
         self.settings = settings
         self.layout = Layout(Path(settings.output_dir))
         self._last_pass = None
+        self._workers = 1  # workers with running batches, as of the last pass
+        self._jitter = random.uniform(0.5, 1.5)
         # The stall rule is the janitor's own: longer than a heartbeat (+ skew) without reaching the
         # ledger restarts its contact window, whoever created the Ledger handle.
         ledger.stall_gap = min(ledger.stall_gap, settings.heartbeat + settings.clock_skew)
@@ -57,27 +62,45 @@ class Janitor:
     def window(self) -> float:
         return self.settings.lease + self.settings.clock_skew
 
-    def maybe_run(self) -> JanitorReport | None:
-        """A pass at most once per heartbeat interval: cheap enough to call from every loop turn."""
+    def maybe_run(self, shared: bool = True) -> JanitorReport | None:
+        """A pass when one is due: cheap enough to call from every loop turn.
+
+        A lone janitor (the watchman, `shared=False`) passes once per heartbeat interval. Busy workers share
+        the job: each passes once per heartbeat x (workers with running batches / CREW), jittered, so the
+        whole cluster makes about CREW passes per interval however many GPUs it has, instead of one per
+        worker (two transactions and a listing of work/ each: 1,000 workers would take the lock ~30 times
+        a second for nothing). An expired batch is still found within about a heartbeat interval.
+        """
         now = time.monotonic()
-        if self._last_pass is not None and now - self._last_pass < self.settings.heartbeat:
+        interval = self.settings.heartbeat
+        if shared:
+            interval *= max(1.0, self._workers / CREW) * self._jitter
+        if self._last_pass is not None and now - self._last_pass < interval:
             return None
         self._last_pass = now
+        self._jitter = random.uniform(0.5, 1.5)
         return self.run_pass()
 
     def run_pass(self, one_shot: bool = False, force: bool = False) -> JanitorReport:
         report = JanitorReport()
         # Touch the ledger first, so a stall just ended shows up as a fresh contact window.
         running = self.ledger.transact(_running_batches)
+        self._workers = len({b.worker_id for b in running})
         now = self.ledger.clock()
         trusted = one_shot or force or (
             self.ledger.contact_since is not None and now - self.ledger.contact_since >= self.window
         )
         if trusted:
-            expired = [b.id for b in running if force or now - b.heartbeat_at > self.window]
+            # The ledger's heartbeat first; only a batch silent there too has its lease file read.
+            expired = [
+                b.id for b in running
+                if force or (now - b.heartbeat_at > self.window
+                             and now - lease.last_beat(self.ledger.path, b.id, b.worker_id, b.heartbeat_at) > self.window)
+            ]
             for batch_id in expired:
                 reclaim(self.ledger, self.settings, batch_id, report, force=force)
         cleanup(self.ledger, self.layout, report)
+        lease.remove_stale(self.ledger.path, {b.id for b in running} - set(report.reclaimed))
         return report
 
 
@@ -93,9 +116,12 @@ def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool 
     def txn(conn):
         now = ledger.clock()
         row = conn.execute(sa.select(Batch.worker_id, Batch.heartbeat_at, Batch.state).where(Batch.id == batch_id)).first()
-        # Re-check inside the transaction: the worker may have heartbeaten since we looked.
-        if row is None or row.state != RUNNING or (not force and reason is None and now - row.heartbeat_at <= window):
-            return 0, 0
+        # Re-check inside the transaction: the worker may have heartbeaten since we looked (ledger or lease file).
+        if row is None or row.state != RUNNING:
+            return None
+        beat = lease.last_beat(ledger.path, batch_id, row.worker_id, row.heartbeat_at)
+        if not force and reason is None and now - beat <= window:
+            return None
         files = conn.execute(
             sa.select(Pod5File.id, Pod5File.rel_path).where(Pod5File.batch_id == batch_id, Pod5File.state == CLAIMED)
         ).all()
@@ -105,7 +131,7 @@ def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool 
             (published if layout.pass_path(f.rel_path, settings.emit).exists() else others).append(f)
         for f in published:
             _mark_done_from_disk(conn, layout, settings.emit, f.id, f.rel_path, now)
-        why = claim.RECLAIMED + (reason or f"lease expired: worker {row.worker_id} silent for {now - row.heartbeat_at:.0f}s")
+        why = claim.RECLAIMED + (reason or f"lease expired: worker {row.worker_id} silent for {now - beat:.0f}s")
         claim.return_files(conn, batch_id, [f.id for f in others], why, True, settings.max_attempts, now)
         conn.execute(
             sa.update(Batch).where(Batch.id == batch_id).values(state=models.RECLAIMED, finished_at=now, error=why)
@@ -113,7 +139,11 @@ def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool 
         claim._event(conn, now, "batch-reclaimed", row.worker_id, batch_id, why)
         return len(others), len(published)
 
-    returned, published = ledger.transact(txn)
+    outcome = ledger.transact(txn)
+    if outcome is None:
+        return  # still running and alive, or already over
+    lease.remove(ledger.path, batch_id)
+    returned, published = outcome
     if returned or published:
         report.reclaimed.append(batch_id)
         report.files_returned += returned

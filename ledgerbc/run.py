@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import claim, dorado, janitor, pod5check, roles, split
+from . import claim, dorado, janitor, lease, pod5check, roles, split
 from .durable import fsync_dir
 from .errors import LedgerCorrupt, LedgerError, LedgerNotFound, LockTimeout, NotOwner
 from .layout import Layout, link_name
@@ -55,6 +55,8 @@ class Worker:
         self.layout = None
         self.janitor = None
         self.batches = 0
+        self._beat = None  # lease.Heartbeat of the batch being worked on
+        self._next = None  # the next batch, claimed in the transaction that published the last one
 
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
@@ -98,14 +100,18 @@ class Worker:
         code = EXIT_OK
         idle_since = time.monotonic()
         try:
+            watching = False
             while not self.stop_requested:
-                self._patiently(self.janitor.maybe_run)
+                self._patiently(self.janitor.maybe_run, not watching)
                 if self.opts.max_batches is not None and self.batches >= self.opts.max_batches:
                     break
-                batch = self._patiently(claim.claim_batch, self.ledger, self.worker_id, self.settings)
+                batch, self._next = self._next, None
+                if batch is None:
+                    batch = self._patiently(claim.claim_batch, self.ledger, self.worker_id, self.settings)
                 if batch is not None and self.stop_requested:  # the signal came during the claim
                     claim.release_batch(self.ledger, batch.batch_id, self.worker_id, "worker stopped by signal")
                     break
+                watching = False
                 if batch is not None:
                     self.process(batch, executable)
                     self.batches += 1
@@ -119,10 +125,17 @@ class Worker:
                     continue
                 if not self._watch():
                     break
+                watching = True  # the watchman passes once per heartbeat, not a share of the crew's rate
         except (LedgerNotFound, LedgerCorrupt, LockTimeout) as exc:
             log.error("giving up: %s", exc)
             code = EXIT_LEDGER_LOST
         finally:
+            if self._next is not None:  # claimed with the last publication, then told to stop: give it back
+                try:
+                    claim.release_batch(self.ledger, self._next.batch_id, self.worker_id, "worker stopped")
+                except LedgerError as exc:
+                    log.warning("could not release batch %s: %s", self._next.batch_id, exc)
+                self._next = None
             roles.drop_role_quietly(self.ledger, roles.WATCHMAN, self.worker_id)
             try:
                 claim.worker_exited(self.ledger, self.worker_id, "stopped by signal" if self.stop_requested else "")
@@ -184,6 +197,8 @@ class Worker:
                 claim.release_batch(self.ledger, batch.batch_id, self.worker_id, "worker stopped by signal")
             except (NotOwner, LedgerError) as exc:
                 log.warning("could not release batch %s: %s", batch.batch_id, exc)
+        lease.remove(self.ledger.path, batch.batch_id)
+        self._beat = None
         _remove(assigned)
         _remove(staging)
         log.info("batch %s: %s", batch.batch_id, outcome)
@@ -208,6 +223,7 @@ class Worker:
         timeout = self.settings.batch_timeout or default_batch_timeout(batch.n_bytes)
         started = time.monotonic()
         next_beat = started + self.settings.heartbeat
+        beat = self._heartbeat_of(batch)
         while True:
             if proc.poll(TICK) is not None:
                 if proc.proc.returncode < 0 and not self.stop_requested:
@@ -222,7 +238,7 @@ class Worker:
             if now >= next_beat:
                 next_beat = now + self.settings.heartbeat
                 try:
-                    claim.heartbeat(self.ledger, batch.batch_id, self.worker_id)
+                    beat.beat()
                 except NotOwner:
                     log.warning("batch %s was reclaimed: stopping dorado, discarding its output", batch.batch_id)
                     proc.stop()
@@ -256,8 +272,11 @@ class Worker:
         def install():
             publish_outputs(self.layout, self.settings.emit, result, {r.file_id for r in results if r.ok}, links)
 
-        self._patiently(
-            claim.publish, self.ledger, batch.batch_id, self.worker_id, results, install, self.settings.max_attempts
+        # The next batch is claimed in the same transaction, unless this worker is about to stop.
+        more = not self.stop_requested and (self.opts.max_batches is None or self.batches + 1 < self.opts.max_batches)
+        self._next = self._patiently(
+            claim.publish, self.ledger, batch.batch_id, self.worker_id, results, install, self.settings.max_attempts,
+            self.settings if more else None,
         )
         return "done"
 
@@ -275,12 +294,13 @@ class Worker:
         thread.start()
         fenced = None
         next_beat = time.monotonic() + self.settings.heartbeat
+        beat = self._heartbeat_of(batch)
         while thread.is_alive():
             thread.join(TICK)
             if thread.is_alive() and fenced is None and time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.settings.heartbeat
                 try:
-                    claim.heartbeat(self.ledger, batch.batch_id, self.worker_id)
+                    beat.beat()
                 except NotOwner as exc:
                     fenced = exc  # let the thread finish (it only writes to staging), then stop
                 except LedgerError as exc:
@@ -290,6 +310,12 @@ class Worker:
         if "error" in box:
             raise box["error"]
         return box["result"]
+
+    def _heartbeat_of(self, batch) -> lease.Heartbeat:
+        """The batch's heartbeat (lease file, and the ledger every half lease); one per batch, kept across phases."""
+        if self._beat is None or self._beat.batch_id != batch.batch_id:
+            self._beat = lease.Heartbeat(self.ledger, self.settings, batch.batch_id, self.worker_id)
+        return self._beat
 
     def _account(self, name, f: claim.ClaimedFile, out: split.FileOutput, errors: list[str]) -> claim.FileResult:
         """Reads in (pod5) against reads out (read id or pi parent) for one file."""

@@ -5,7 +5,7 @@ The JSON schema is documented in the README ("status --json") and versioned by i
 
 import sqlalchemy as sa
 
-from . import follow, models
+from . import follow, lease, models
 from .models import Batch, Pod5File, Worker
 from .units import format_duration, format_size
 
@@ -105,7 +105,20 @@ def collect(conn, now: float, settings) -> dict:
 
 def report(ledger) -> dict:
     settings = ledger.read_settings()
-    return ledger.transact(lambda conn: collect(conn, ledger.clock(), settings))
+    now = ledger.clock()
+    data = ledger.transact(lambda conn: collect(conn, now, settings))
+    # A working batch beats in its lease file between ledger heartbeats (lease.py): show the fresher,
+    # read after the transaction so the lock is not held for file reads.
+    freshest = {}
+    for b in data["running_batches"]:
+        beat = lease.read(ledger.path, b["batch_id"], b["worker_id"])
+        if beat is not None:
+            b["heartbeat_age_s"] = min(b["heartbeat_age_s"], round(now - beat, 1))
+            freshest[b["worker_id"]] = min(freshest.get(b["worker_id"], b["heartbeat_age_s"]), b["heartbeat_age_s"])
+    for w in data["workers"]:
+        if w["worker_id"] in freshest:
+            w["heartbeat_age_s"] = min(w["heartbeat_age_s"], freshest[w["worker_id"]])
+    return data
 
 
 def render(data: dict) -> str:

@@ -98,7 +98,7 @@ def test_publish_refused_after_reclaim_even_when_dorado_finished(study: Study, m
     installs = []
     real_publish = claim.publish
 
-    def publish_after_a_reclaim(ledger_, batch_id, worker_id, results, install, max_attempts):
+    def publish_after_a_reclaim(ledger_, batch_id, worker_id, results, install, max_attempts, claim_next=None):
         _reclaim(study, batch_id)
         installs.append(batch_id)
 
@@ -106,7 +106,7 @@ def test_publish_refused_after_reclaim_even_when_dorado_finished(study: Study, m
             installs.append(("installed", batch_id))
             install()
 
-        return real_publish(ledger_, batch_id, worker_id, results, tracked_install, max_attempts)
+        return real_publish(ledger_, batch_id, worker_id, results, tracked_install, max_attempts, claim_next)
 
     monkeypatch.setattr(claim, "publish", publish_after_a_reclaim)
     w = Worker(ledger, WorkerOptions(worker_id="late", max_batches=1), env=study.env())
@@ -149,3 +149,52 @@ def test_heartbeat_and_publish_of_a_reclaimed_batch_raise_not_owner(study: Study
     # A new claim gets a new batch id: the fencing token is never reused.
     again = claim.claim_batch(ledger, "w", settings)
     assert again.batch_id > got.batch_id
+
+
+def test_worker_claims_its_next_batch_in_the_publishing_transaction(study: Study, monkeypatch):
+    """One transaction per batch: only the first claim is a claim of its own; every later batch comes
+    with the publication of the one before (claim.publish(..., claim_next=...))."""
+    make_dataset(study.input, 6, seed=5, hostile_names=False)
+    study.init("--batch-files", 2, "--dorado", study.bin / "dorado")
+    ledger = study.ledger
+    own_claims = []
+    real_claim = claim.claim_batch
+    monkeypatch.setattr(claim, "claim_batch", lambda *a: own_claims.append(1) or real_claim(*a))
+    w = Worker(ledger, WorkerOptions(worker_id="solo"), env=study.env())
+    assert w.run() == 0
+    done = [b for b in _batches(ledger) if b.state == models.BATCH_DONE]
+    assert len(done) >= 3 and all(b.worker_id == "solo" for b in done)
+    assert len(own_claims) == 2  # the first batch, and the final "nothing pending" look
+    assert {r.state for r in files_by_rel(ledger).values()} == {models.DONE}
+    check_outputs(study)
+
+
+def test_a_batch_claimed_with_the_last_publication_is_released_when_the_worker_stops(study: Study, monkeypatch):
+    make_dataset(study.input, 6, seed=6, hostile_names=False)
+    study.init("--batch-files", 2, "--dorado", study.bin / "dorado")
+    ledger = study.ledger
+    w = Worker(ledger, WorkerOptions(worker_id="stopping"), env=study.env())
+    real_publish = claim.publish
+    handed = []
+
+    def publish_then_signal(*args, **kwargs):
+        nxt = real_publish(*args, **kwargs)
+        handed.append(nxt)
+        w.stop_requested = True  # SIGTERM right after the transaction that also claimed the next batch
+        return nxt
+
+    monkeypatch.setattr(claim, "publish", publish_then_signal)
+    assert w.run() == 143
+    (nxt,) = handed
+    assert nxt is not None
+    assert batch(ledger, nxt.batch_id).state == models.RELEASED
+    rows = files_by_rel(ledger)
+    assert all(rows[f.rel].state == models.PENDING and rows[f.rel].attempts == 0 for f in nxt.files)
+    assert len([r for r in rows.values() if r.state == models.DONE]) == 2
+    assert_work_tree_clean(study)
+
+
+def _batches(ledger):
+    import sqlalchemy as sa
+
+    return ledger.transact(lambda c: c.execute(sa.select(models.Batch)).all())
