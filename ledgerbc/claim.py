@@ -80,8 +80,15 @@ _SQL_FINISH = "UPDATE batches SET state = ?, finished_at = ?, error = ? WHERE id
 _SQL_WORKER_DONE = "UPDATE workers SET batches_done = batches_done + 1, last_seen = ? WHERE worker_id = ?"
 
 
+def _write(conn, sql: str, params=()):
+    """Run a prebuilt INSERT/UPDATE on the transaction's own sqlite3 connection (no SQLAlchemy result
+    machinery: it is most of what is left of a statement's cost); a list of tuples runs it for each."""
+    raw = conn.connection.dbapi_connection
+    return raw.executemany(sql, params) if isinstance(params, list) else raw.execute(sql, params)
+
+
 def _event(conn, now, kind, worker_id=None, batch_id=None, file_id=None, message=None):
-    conn.exec_driver_sql(_SQL_EVENT, (now, kind, worker_id, batch_id, file_id, message))
+    _write(conn, _SQL_EVENT, (now, kind, worker_id, batch_id, file_id, message))
 
 
 def _owned(conn, batch_id: int, worker_id: str):
@@ -97,7 +104,7 @@ def _owned(conn, batch_id: int, worker_id: str):
 def touch_worker(conn, worker_id: str, now: float, **values) -> None:
     """Mark a worker alive, re-creating its row if a rebuilt ledger does not know it yet."""
     if not values:  # the hot path: claims, heartbeats
-        if conn.exec_driver_sql(_SQL_TOUCH, (now, worker_id)).rowcount:
+        if _write(conn, _SQL_TOUCH, (now, worker_id)).rowcount:
             return
     values = dict(last_seen=now, state="running", **values)
     updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
@@ -197,10 +204,8 @@ def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
     chosen = choose_batch(
         pending, settings.batch_files, settings.batch_bytes, live, exhausted=len(pending) < lookahead
     )
-    batch_id = conn.exec_driver_sql(
-        _SQL_NEW_BATCH, (worker_id, RUNNING, now, now, len(chosen), sum(r.size for r in chosen))
-    ).lastrowid
-    moved = conn.exec_driver_sql(_SQL_TAKE_FILE, [(CLAIMED, batch_id, r.id, PENDING) for r in chosen]).rowcount
+    batch_id = _write(conn, _SQL_NEW_BATCH, (worker_id, RUNNING, now, now, len(chosen), sum(r.size for r in chosen))).lastrowid
+    moved = _write(conn, _SQL_TAKE_FILE, [(CLAIMED, batch_id, r.id, PENDING) for r in chosen]).rowcount
     if moved != len(chosen):  # the row count proves the claim; anything else is a protocol breach
         raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(chosen)} files.")
     touch_worker(conn, worker_id, now)
@@ -219,7 +224,7 @@ def heartbeat(ledger, batch_id: int, worker_id: str) -> None:
     def txn(conn):
         now = _now(ledger)
         _owned(conn, batch_id, worker_id)
-        conn.exec_driver_sql(_SQL_BEAT, (now, batch_id))
+        _write(conn, _SQL_BEAT, (now, batch_id))
         touch_worker(conn, worker_id, now)
 
     ledger.transact(txn)
@@ -263,7 +268,7 @@ def _batch_file_ids(conn, batch_id: int) -> list[int]:
 
 
 def _finish_batch(conn, batch_id, state, now, error=None):
-    conn.exec_driver_sql(_SQL_FINISH, (state, now, error, batch_id, RUNNING))
+    _write(conn, _SQL_FINISH, (state, now, error, batch_id, RUNNING))
 
 
 def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], install, max_attempts: int,
@@ -282,8 +287,8 @@ def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], in
         install()
         good = [r for r in results if r.ok]
         if good:
-            moved = conn.exec_driver_sql(
-                _SQL_FILE_DONE,
+            moved = _write(
+                conn, _SQL_FILE_DONE,
                 [(DONE, r.reads_pass, r.reads_fail, r.reads_missing, r.bases, now, r.file_id, batch_id, CLAIMED)
                  for r in good],
             ).rowcount
@@ -294,7 +299,7 @@ def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], in
                 return_files(conn, batch_id, [r.file_id], r.error, True, max_attempts, now)
                 _event(conn, now, "file-failed", worker_id, batch_id, r.file_id, r.error)
         _finish_batch(conn, batch_id, models.BATCH_DONE, now)
-        conn.exec_driver_sql(_SQL_WORKER_DONE, (now, worker_id))
+        _write(conn, _SQL_WORKER_DONE, (now, worker_id))
         _event(conn, now, "batch-done", worker_id, batch_id, message=f"{len(good)}/{len(results)} files done")
         return _claim(conn, worker_id, claim_next, now) if claim_next is not None else None
 

@@ -104,6 +104,7 @@ class _Turnstile:
         self._pid: int | None = None
         self._held = False
         self._bypass_until = 0.0
+        self._lock_fd: tuple[int, int] | None = None  # (pid, descriptor of the ledger lock file), see await_free
 
     def _open(self) -> int | None:
         if self._pid != os.getpid():
@@ -124,7 +125,7 @@ class _Turnstile:
         until = min(deadline, now + TURN_WAIT)
         try:
             if threading.current_thread() is threading.main_thread():
-                got = self._wait_blocking(fd, until)
+                got = _flock_blocking(fd, until)
             else:
                 got = self._wait_polling(fd, until)
         except OSError:
@@ -133,30 +134,6 @@ class _Turnstile:
             self._bypass_until = time.monotonic() + TURN_BYPASS
         self._held = got
         return got
-
-    @staticmethod
-    def _wait_blocking(fd: int, deadline: float) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-
-        def expire(_signum, _frame):
-            raise _TurnstileTimeout
-
-        previous = signal.signal(signal.SIGALRM, expire)
-        try:
-            signal.setitimer(signal.ITIMER_REAL, max(0.001, deadline - time.monotonic()))
-            fcntl.flock(fd, fcntl.LOCK_EX)  # other signals (SIGTERM) run their handler and the wait resumes
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            return True
-        except _TurnstileTimeout:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # the alarm may have come just after the flock was granted
-            return False
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
 
     @staticmethod
     def _wait_polling(fd: int, deadline: float) -> bool:
@@ -175,6 +152,55 @@ class _Turnstile:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError:
             pass
+
+    def await_free(self, lock_path: Path, deadline: float) -> None:
+        """For the turnstile's holder, in the main thread: sleep in the kernel until the ledger lock is free.
+
+        A blocking flock on a descriptor of our own, given back at once: only a wake-up call, so the lock
+        is handed on as soon as its holder lets it go instead of at the next poll. filelock then takes it
+        (the other waiters are all behind the turnstile). On a timeout the caller just polls.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self._lock_fd is None or self._lock_fd[0] != os.getpid():
+            try:
+                self._lock_fd = (os.getpid(), os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            except OSError:
+                return  # not created yet (filelock creates it): poll
+        fd = self._lock_fd[1]
+        try:
+            if _flock_blocking(fd, min(deadline, time.monotonic() + TURN_WAIT)):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+
+
+def _flock_blocking(fd: int, until: float) -> bool:
+    """An exclusive flock on `fd`, waiting in the kernel until `until` (monotonic) at most; main thread only.
+
+    A blocking flock cannot time out by itself: a SIGALRM interval timer interrupts it.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+
+    def expire(_signum, _frame):
+        raise _TurnstileTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, max(0.001, until - time.monotonic()))
+        fcntl.flock(fd, fcntl.LOCK_EX)  # other signals (SIGTERM) run their handler and the wait resumes
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return True
+    except _TurnstileTimeout:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # the alarm may have come just after the flock was granted
+        return False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _classify(exc: BaseException) -> str:
@@ -228,6 +254,8 @@ class Ledger:
         deadline = time.monotonic() + self.lock_timeout
         turn = self._turnstile.enter(deadline)
         try:
+            if turn:
+                self._turnstile.await_free(self.lock_path, deadline)
             self._take_lock(deadline, poll=TURN_POLL if turn else LOCK_POLL)
         finally:
             if turn:
