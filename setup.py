@@ -21,6 +21,7 @@ setup(
         "click>=8.1,<9",
         "pod5>=0.3.10,<0.4",
         "pysam>=0.22,<0.26",
+        "isal>=1.6,<2",  # ISA-L deflate for fastq.gz and BAM outputs (writers.py falls back to zlib)
     ],
     extras_require={"test": ["pytest>=7.4,<10"]},
     entry_points={

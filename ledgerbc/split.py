@@ -6,9 +6,7 @@ ASSIGNED dir, which `links` maps back to the input's path relative to INPUT_DIR.
 from __future__ import annotations
 
 import gzip
-import os
 import resource
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,16 +15,12 @@ import pysam
 
 from .durable import fsync_dir
 from .layout import output_relpath  # noqa: F401  (re-exported: callers split by it)
+from .writers import Background, OutputWriter
 
 EMITS = ("fastq", "fastq.gz", "bam")  # also the output file extensions
-# gzip/BGZF level of fastq.gz and bam outputs. Level 1, not 6: on basecalled reads it is ~5x (gzip) and
-# ~2x (BAM) faster for outputs only 2-5% larger; at level 6 the splitter cost 8% (fastq.gz) and 3.7%
-# (bam) of a batch's GPU time (bench/overhead.py).
-COMPRESS_LEVEL = 1
 # samtools fastq drops secondary (0x100) and supplementary (0x800) records: they repeat a read.
 _NOT_PRIMARY = 0x900
 _ERROR_PROB = 10.0 ** (-np.arange(256) / 10.0)
-_COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 
 
 @dataclass
@@ -60,67 +54,6 @@ def read_qscore(record: pysam.AlignedSegment) -> float:
         return float(-10.0 * np.log10(mean_error))
 
 
-def fastq_entry(record: pysam.AlignedSegment) -> bytes:
-    """The record as `samtools fastq -T '*'` writes it: `@id<TAB>tags...`, sequence, `+`, qualities."""
-    fields = record.to_string().split("\t")
-    seq = "" if fields[9] == "*" else fields[9]
-    qual = fields[10]
-    if qual == "*":
-        qual = '"' * len(seq)  # samtools fastq's default quality (-v 1) when the BAM has none
-    if record.is_reverse:  # aligned to the reverse strand: give back the read as sequenced
-        seq, qual = seq.translate(_COMPLEMENT)[::-1], qual[::-1]
-    header = "\t".join([fields[0]] + fields[11:])
-    return f"@{header}\n{seq}\n+\n{qual}\n".encode("utf-8", "surrogateescape")
-
-
-class _Writer:
-    """One output file written to a hidden temp name beside its final path, renamed by `publish`."""
-
-    def __init__(self, final: Path, emit: str, template: pysam.AlignmentFile):
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.final = final
-        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self.bam = self.raw = self.stream = None
-        if emit == "bam":
-            self.bam = pysam.AlignmentFile(str(self.tmp), "wb", template=template,
-                                           format_options=[f"level={COMPRESS_LEVEL}".encode()])
-        else:
-            self.raw = open(self.tmp, "wb")
-            self.stream = self.raw
-            if emit == "fastq.gz":
-                self.stream = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw,
-                                            compresslevel=COMPRESS_LEVEL, mtime=0)
-
-    def write(self, record: pysam.AlignedSegment) -> None:
-        if self.bam is not None:
-            self.bam.write(record)
-        else:
-            self.stream.write(fastq_entry(record))
-
-    def close(self) -> None:
-        if self.bam is not None:
-            self.bam.close()
-            with open(self.tmp, "rb") as done:
-                os.fsync(done.fileno())
-        else:
-            if self.stream is not self.raw:
-                self.stream.close()
-            self.raw.flush()
-            os.fsync(self.raw.fileno())
-            self.raw.close()
-
-    def publish(self) -> Path:
-        os.replace(self.tmp, self.final)
-        return self.final
-
-    def discard(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-
 def _allow_open_files(needed: int) -> None:
     """Raise the soft open-files limit toward the hard one if a batch needs many writers."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -147,15 +80,16 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
     targets = {name: output_relpath(rel, emit) for name, rel in links.items()}
     foreign: dict[str, int] = {}
     untagged = 0
-    writers: dict[tuple[str, str], _Writer] = {}
-    _allow_open_files(2 * len(links) + 64)
+    writers: dict[tuple[str, str], OutputWriter] = {}
+    _allow_open_files(2 * len(links) * OutputWriter.fds_per_writer + 64)
 
     bam = pysam.AlignmentFile(str(bam_path), "rb", check_sq=False)
+    background = Background()
     try:
-        def writer(name: str, kind: str) -> _Writer:
+        def writer(name: str, kind: str) -> OutputWriter:
             key = (name, kind)
             if key not in writers:
-                writers[key] = _Writer(staging / kind / targets[name], emit, bam)
+                writers[key] = OutputWriter(staging / kind / targets[name], emit, bam, background)
             return writers[key]
 
         for record in bam:
@@ -186,10 +120,12 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
         for w in writers.values():
             w.close()
     except BaseException:
+        background.shutdown()  # no queued job may write to an output being discarded
         for w in writers.values():
             w.discard()
         raise
     finally:
+        background.shutdown()
         bam.close()
 
     for (name, kind), w in writers.items():

@@ -1,0 +1,228 @@
+"""Output files of the splitter: written under a temp name, compressed off the main thread, fsynced.
+
+FASTQ entries are gathered into ~256 KiB chunks; fastq.gz chunks are compressed by ISA-L's gzip. For BAM,
+htslib writes level-0 (stored) BGZF blocks to an in-memory scratch file and ISA-L deflates them one for
+one (same data, CRC and sizes). Compression and file writes run in one background thread, in order,
+while the main thread reads dorado's BAM (pysam and ISA-L release the GIL): bench/overhead.py,
+split 4.8 -> 1.7 s for a 20-file batch in fastq.gz and BAM. Without the isal package: stdlib gzip and
+htslib's own BGZF compression, same content, 2-3x slower.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pysam
+
+try:  # ISA-L's deflate: at level 1 ~4x zlib's speed on basecalled reads, for output no larger
+    from isal import igzip as _gzip
+    from isal import isal_zlib as _deflate
+except ImportError:  # pragma: no cover - a dependency; without it: stdlib gzip, htslib's BGZF (2-3x slower)
+    _gzip = _deflate = None
+
+
+# gzip/BGZF level of fastq.gz and bam outputs. Level 1, not 6: on basecalled reads it is ~5x (gzip) and
+# ~2x (BAM) faster for outputs only 2-5% larger; at level 6 the splitter cost 8% (fastq.gz) and 3.7%
+# (bam) of a batch's GPU time (bench/overhead.py).
+COMPRESS_LEVEL = 1
+_COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
+# BGZF block: 18-byte gzip header (BSIZE = block size - 1 at 16-17), raw deflate data, CRC32, ISIZE.
+_BGZF_HEADER, _BGZF_FOOTER = 18, 8
+_CHUNK = 1 << 18  # an output's data is handed to the background thread in chunks of ~256 KiB
+_QUEUED = 8  # chunks waiting for the background thread, at most
+
+
+def _scratch_fd() -> int:
+    """An unnamed, in-memory (else unlinked temp) file: htslib writes a BAM's stored blocks to it."""
+    try:
+        return os.memfd_create("ledgerbc-bam", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        fd, path = tempfile.mkstemp(prefix=".ledgerbc-bam-")
+        os.unlink(path)
+        return fd
+
+
+def _redeflate(block: memoryview) -> bytes:
+    """One BGZF block written at level 0 (stored), deflated at COMPRESS_LEVEL by ISA-L: same data, CRC, ISIZE."""
+    if int.from_bytes(block[-4:], "little") == 0:  # empty, e.g. the EOF marker: as htslib wrote it
+        return bytes(block)
+    data = _deflate.decompress(block[_BGZF_HEADER:-_BGZF_FOOTER], -15)
+    deflated = _deflate.compress(data, COMPRESS_LEVEL, -15)
+    size = _BGZF_HEADER + len(deflated) + _BGZF_FOOTER
+    if size > len(block):  # incompressible: the stored block (<= 64 KiB, as htslib wrote it) is smaller
+        return bytes(block)
+    return b"".join((block[:16], (size - 1).to_bytes(2, "little"), deflated, block[-_BGZF_FOOTER:]))
+
+
+def fastq_entry(record: pysam.AlignedSegment) -> bytes:
+    """The record as `samtools fastq -T '*'` writes it: `@id<TAB>tags...`, sequence, `+`, qualities."""
+    fields = record.to_string().split("\t")
+    seq = "" if fields[9] == "*" else fields[9]
+    qual = fields[10]
+    if qual == "*":
+        qual = '"' * len(seq)  # samtools fastq's default quality (-v 1) when the BAM has none
+    if record.is_reverse:  # aligned to the reverse strand: give back the read as sequenced
+        seq, qual = seq.translate(_COMPLEMENT)[::-1], qual[::-1]
+    header = "\t".join([fields[0]] + fields[11:])
+    return f"@{header}\n{seq}\n+\n{qual}\n".encode("utf-8", "surrogateescape")
+
+
+class Background:
+    """Runs the writers' compression and file writes in one thread, first in first out, while the main
+    thread reads the BAM (ISA-L, zlib and file writes release the GIL); inline on a single core.
+    At most `_QUEUED` jobs wait (bounded memory); a job's error is raised by a later `submit` or `wait`.
+    """
+
+    def __init__(self):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threaded = cores > 1
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ledgerbc-split") if threaded else None
+        self.queued: deque = deque()
+
+    def submit(self, job, *args) -> None:
+        if self.pool is None:
+            job(*args)
+            return
+        self.queued.append(self.pool.submit(job, *args))
+        while self.queued and (len(self.queued) > _QUEUED or self.queued[0].done()):
+            self.queued.popleft().result()
+
+    def wait(self) -> None:
+        while self.queued:
+            self.queued.popleft().result()
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class OutputWriter:
+    """One output file written to a hidden temp name beside its final path, renamed by `publish`.
+
+    FASTQ entries are gathered into ~256 KiB chunks, compressed (fastq.gz: ISA-L's gzip) and written
+    by the `Background` thread. BAM, with ISA-L: htslib writes level-0 (stored) BGZF blocks to an
+    in-memory scratch file; every ~256 KiB they are taken out and deflated one for one by ISA-L
+    into the temp file (~5x htslib's zlib at level 1), in the background.
+    """
+
+    fds_per_writer = 3  # the temp file; for BAM also the scratch file and htslib's duplicate of it
+
+    def __init__(self, final: Path, emit: str, template: pysam.AlignmentFile, background: Background):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.background = background
+        self.bam = self.raw = self.stream = self.scratch = None
+        self.chunk: list[bytes] = []
+        self.unflushed = 0  # bytes given to `write` since the last chunk was handed over
+        if emit == "bam" and _deflate is None:
+            self.bam = pysam.AlignmentFile(str(self.tmp), "wb", template=template,
+                                           format_options=[f"level={COMPRESS_LEVEL}".encode()])
+            return
+        self.raw = open(self.tmp, "wb")
+        self.stream = self.raw
+        if emit == "bam":
+            self.scratch, self.drained, self.pending = _scratch_fd(), 0, bytearray()
+            try:
+                self.bam = pysam.AlignmentFile(self.scratch, "wb0", template=template)
+            except BaseException:
+                os.close(self.scratch)
+                self.raw.close()
+                raise
+        elif emit == "fastq.gz":
+            self.stream = (_gzip or gzip).GzipFile(filename="", mode="wb", fileobj=self.raw,
+                                                   compresslevel=COMPRESS_LEVEL, mtime=0)
+
+    def write(self, record: pysam.AlignedSegment) -> None:
+        if self.bam is not None:
+            written = self.bam.write(record)
+            if self.scratch is not None:
+                self.unflushed += written
+                if self.unflushed >= _CHUNK:
+                    self._drain()
+        else:
+            entry = fastq_entry(record)
+            self.chunk.append(entry)
+            self.unflushed += len(entry)
+            if self.unflushed >= _CHUNK:
+                self._flush_chunk()
+
+    def _flush_chunk(self) -> None:
+        if self.chunk:
+            self.background.submit(self.stream.write, b"".join(self.chunk))
+        self.chunk, self.unflushed = [], 0
+
+    def _drain(self) -> None:
+        """Hand the whole BGZF blocks htslib has written to the scratch file so far to the background."""
+        self.unflushed = 0
+        size = os.fstat(self.scratch).st_size
+        while self.drained < size:
+            chunk = os.pread(self.scratch, size - self.drained, self.drained)
+            if not chunk:
+                raise OSError(f"short read from the BAM scratch file of {self.tmp}")
+            self.pending += chunk
+            self.drained += len(chunk)
+        os.ftruncate(self.scratch, 0)  # frees it; htslib appends at its own offset (a hole before)
+        pos = 0
+        while len(self.pending) - pos >= _BGZF_HEADER:
+            end = pos + int.from_bytes(self.pending[pos + 16:pos + 18], "little") + 1
+            if end > len(self.pending):
+                break
+            pos = end
+        if pos:
+            self.background.submit(self._deflate_blocks, bytes(self.pending[:pos]))
+            del self.pending[:pos]
+
+    def _deflate_blocks(self, stored: bytes) -> None:
+        blocks, pos = [], 0
+        with memoryview(stored) as view:
+            while pos < len(view):
+                end = pos + int.from_bytes(view[pos + 16:pos + 18], "little") + 1
+                blocks.append(_redeflate(view[pos:end]))
+                pos = end
+        self.raw.write(b"".join(blocks))
+
+    def close(self) -> None:
+        if self.raw is None:
+            self.bam.close()
+            with open(self.tmp, "rb") as done:
+                os.fsync(done.fileno())
+            return
+        if self.scratch is not None:
+            try:
+                self.bam.close()
+                self._drain()
+                if self.pending:
+                    raise OSError(f"htslib left a partial BGZF block for {self.tmp}")
+            finally:
+                os.close(self.scratch)
+                self.scratch = None
+        self._flush_chunk()
+        self.background.wait()
+        if self.stream is not self.raw:
+            self.stream.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
+        self.raw.close()
+
+    def publish(self) -> Path:
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def discard(self) -> None:
+        """Drop the output unfinished: close what is open (background stopped first), remove the temp file."""
+        for handle in (self.stream, self.bam, self.raw):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:
+                pass
+        if self.scratch is not None:
+            os.close(self.scratch)
+            self.scratch = None
+        self.tmp.unlink(missing_ok=True)
