@@ -6,7 +6,7 @@ from helpers import (  # noqa: F401  (study is a fixture)
     REAL_POD5, Study, assert_work_tree_clean, batch, check_outputs, events, files_by_rel, pid_alive, study,
     wait_for,
 )
-from ledgerbc import models
+from ledgerbc import lease, models
 from ledgerbc.synth import make_dataset, truncate_copy, write_pod5
 
 
@@ -142,12 +142,17 @@ def test_sigterm_mid_batch_stops_dorado_releases_the_batch_and_exits_143(study: 
     worker = study.start_worker("w", LEDGERBC_SIM_DELAY=60)
     running, pid = study.dorado_running()
 
-    # While dorado runs, the worker refreshes the batch's lease every heartbeat (1 s).
+    # While dorado runs, the worker refreshes the batch's lease every heartbeat (1 s): in its lease file,
+    # and in the ledger every half lease (10 s).
+    def last_beat():
+        return lease.last_beat(study.ledger_path, running.id, running.worker_id, batch(study.ledger, running.id).heartbeat_at)
+
     beats = [running.heartbeat_at]
     for _ in range(2):
-        wait_for(lambda: batch(study.ledger, running.id).heartbeat_at > beats[-1], 10, "a heartbeat")
-        beats.append(batch(study.ledger, running.id).heartbeat_at)
+        wait_for(lambda: last_beat() > beats[-1], 10, "a heartbeat")
+        beats.append(last_beat())
     assert running.claimed_at <= beats[0] < beats[1] < beats[2]
+    wait_for(lambda: batch(study.ledger, running.id).heartbeat_at > running.heartbeat_at, 20, "a ledger heartbeat")
     (live,) = study.status()["running_batches"]
     assert live["batch_id"] == running.id and live["heartbeat_age_s"] < 10
     before = _by_batch(study, running.id)
