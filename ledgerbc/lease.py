@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import claim
+from .errors import LedgerError, NotOwner
 
 log = logging.getLogger("ledgerbc.lease")
 
@@ -102,14 +103,27 @@ class Heartbeat:
 
     def beat(self) -> None:
         if time.monotonic() - self.last_ledger >= self.every:
+            try:
+                self._ledger_beat()
+                return
+            except NotOwner:
+                raise
+            except LedgerError:
+                # The ledger is unreachable (locked, being rebuilt): the lease file still says this worker
+                # is alive, so its batch does not expire meanwhile. The caller logs the error.
+                self._lease_beat()
+                raise
+        if not self._lease_beat():
             self._ledger_beat()
-            return
+
+    def _lease_beat(self) -> bool:
         try:
             write(self.ledger.path, self.batch_id, self.worker_id, self.ledger.clock())
-            self.ledger.note_contact()  # the shared filesystem answered: the janitor's stall rule counts it
         except OSError as exc:
             log.warning("lease file of batch %s: %s; heartbeating through the ledger", self.batch_id, exc)
-            self._ledger_beat()
+            return False
+        self.ledger.note_contact()  # the shared filesystem answered: the janitor's stall rule counts it
+        return True
 
     def _ledger_beat(self) -> None:
         claim.heartbeat(self.ledger, self.batch_id, self.worker_id)

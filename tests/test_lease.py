@@ -124,3 +124,25 @@ def test_busy_workers_share_janitor_passes(study, monkeypatch):
         jan.maybe_run(shared=False)
         now[0] += hb
     assert len(passes) == 50
+
+
+def test_a_ledger_beat_that_fails_still_renews_the_lease_file(study, monkeypatch):
+    """The ledger is unreachable at a ledger beat (locked, being rebuilt): the beat raises for the caller
+    to log, but the lease file is renewed, so the batch does not expire while the worker keeps working."""
+    from ledgerbc.errors import LockTimeout
+
+    wl = ledger_with_offset(study)
+    batch = start_worker(wl, "w1", study.settings)
+    beat = lease.Heartbeat(wl, study.settings, batch.batch_id, "w1")
+    beat.last_ledger = time.monotonic() - beat.every
+
+    def locked_out(*_args):
+        raise LockTimeout("could not take the ledger lock (simulated)")
+
+    monkeypatch.setattr(claim, "heartbeat", locked_out)
+    study.clock.advance(30)
+    with pytest.raises(LockTimeout):
+        beat.beat()
+    assert lease.read(study.path, batch.batch_id, "w1") == study.clock()
+    with pytest.raises(LockTimeout):  # still due: the next beat tries the ledger again
+        beat.beat()
