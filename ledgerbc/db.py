@@ -245,9 +245,10 @@ class Ledger:
         The lock itself is `filelock`'s flock on `<ledger>.lock`; filelock can only poll for a held lock.
         Waiting is organised by a turnstile (`<ledger>.turnstile`, see `_Turnstile`): a process first takes
         the turnstile, sleeping in the kernel while another process holds it, and only the turnstile's
-        holder polls the ledger lock, at a fine interval; it lets the turnstile go as soon as it holds the
-        ledger lock. So one process polls instead of all of them, the lock is handed on within a fraction
-        of a millisecond, and a process that just released the lock queues like everyone else instead of
+        holder waits for the ledger lock, also in the kernel (`_Turnstile.await_free`; it polls every
+        TURN_POLL only outside the main thread or after a timeout); it lets the turnstile go as soon as it
+        holds the ledger lock. So no process spins, the lock is handed on as it is released, and a
+        process that just released the lock queues like everyone else instead of
         retaking it at once (bench/claim.py: throughput and p99 claim latency). The turnstile decides only
         who waits next; mutual exclusion is the ledger lock's alone.
         """

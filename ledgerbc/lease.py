@@ -128,6 +128,3 @@ class Heartbeat:
     def _ledger_beat(self) -> None:
         claim.heartbeat(self.ledger, self.batch_id, self.worker_id)
         self.last_ledger = time.monotonic()
-
-    def end(self) -> None:
-        remove(self.ledger.path, self.batch_id)
