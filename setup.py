@@ -27,7 +27,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ledgerbc=ledgerbc.cli:main",
-            "ledgerbc-simulated-dorado=ledgerbc.simulated_dorado:main",
+            "ledgerbc-simulated-dorado=ledgerbc.testkit.dorado:main",
         ]
     },
 )

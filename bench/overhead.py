@@ -40,7 +40,8 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fill import add_files, machine, new_ledger  # noqa: E402
 
-from ledgerbc import claim, models, run, split, synth  # noqa: E402
+from ledgerbc import claim, models, run, split
+from ledgerbc.testkit import synth  # noqa: E402
 from ledgerbc.db import Ledger  # noqa: E402
 from ledgerbc.layout import Layout, link_name  # noqa: E402
 from ledgerbc.scan import Scanner  # noqa: E402

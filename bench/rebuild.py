@@ -34,7 +34,8 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fill import machine  # noqa: E402
 
-from ledgerbc import models, rebuild, synth  # noqa: E402
+from ledgerbc import models, rebuild
+from ledgerbc.testkit import synth  # noqa: E402
 from ledgerbc.db import Ledger  # noqa: E402
 from ledgerbc.layout import Layout, link_name, output_relpath  # noqa: E402
 from ledgerbc.settings import Settings  # noqa: E402

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import status, synth, testing
+from . import status
+from .testkit import install_fake_dorado, synth
 from .create import init_ledger
 from .db import Ledger
 from .errors import BadInput
@@ -49,7 +50,7 @@ def run_demo(folder: Path, workers: int = 4, files: int = 60, testdata: Path | N
 
     real = shutil.which("dorado")
     simulated = real is None
-    dorado = str(testing.install_fake_dorado(bin_dir)) if simulated else real
+    dorado = str(install_fake_dorado(bin_dir)) if simulated else real
     if simulated:
         echo("=" * 78)
         echo(SIMULATED_NOTE.rstrip())

@@ -88,7 +88,7 @@ class Worker:
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
-        from .doctor import refuse_unsafe_mount
+        from .mounts import refuse_unsafe_mount
 
         refuse_unsafe_mount(self.ledger.path.parent)  # before the first lock: NFS nolock, Lustre localflock...
         self.settings = self._patiently(self.ledger.read_settings)

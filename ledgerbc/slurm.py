@@ -89,7 +89,7 @@ def submit(ledger, tasks: int, partition=None, time=None, gpus_per_task: int = 1
     path = Path(ledger).absolute()
     if not path.is_file():
         raise LedgerNotFound(f"no ledger at {path}. Create it with `ledgerbc init`, or give the right --ledger.")
-    from .doctor import refuse_unsafe_mount
+    from .mounts import refuse_unsafe_mount
 
     refuse_unsafe_mount(path.parent)
     argv = build_sbatch_argv(path, tasks, partition=partition, time=time, gpus_per_task=gpus_per_task,

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from ledgerbc import models
 from ledgerbc.db import Ledger
-from ledgerbc.testing import install_fake_dorado
+from ledgerbc.testkit import install_fake_dorado
 
 REAL_POD5 = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-pod5"
 SMALL_LEASE = ["--lease", "20s", "--heartbeat", "1s", "--clock-skew", "2s"]
@@ -135,7 +135,7 @@ class Study:
 
     def dorado_pids(self) -> list[int]:
         """Stand-in dorado processes working in this study's folders."""
-        return [pid for pid, cmd in _processes() if "simulated_dorado" in cmd and str(self.root) + os.sep in cmd]
+        return [pid for pid, cmd in _processes() if "ledgerbc.testkit.dorado" in cmd and str(self.root) + os.sep in cmd]
 
     def close(self) -> None:
         for proc in self.procs:  # only the processes this test started, by their pid

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pod5
 
-from ledgerbc.synth import SPLIT_READ_SAMPLES
+from ledgerbc.testkit.synth import SPLIT_READ_SAMPLES
 
 NEW_FILE_EVERY = 0.9  # seconds between two files opened
 READ_EVERY = 0.3  # seconds between two reads added to an open file

@@ -18,8 +18,8 @@ from ledgerbc import pod5check
 from ledgerbc.cli import cli
 from ledgerbc.db import Ledger
 from ledgerbc.models import Pod5File
-from ledgerbc.synth import make_dataset
-from ledgerbc.testing import install_fake_dorado
+from ledgerbc.testkit.synth import make_dataset
+from ledgerbc.testkit import install_fake_dorado
 
 LEDGERBC = [sys.executable, "-m", "ledgerbc.cli"]
 

@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from ledgerbc import claim, models, roles
 from ledgerbc.db import Ledger
 from ledgerbc.models import Batch
-from ledgerbc.synth import make_dataset
-from ledgerbc.testing import install_fake_dorado
+from ledgerbc.testkit.synth import make_dataset
+from ledgerbc.testkit import install_fake_dorado
 from recovery_helpers import (
     LEDGERBC, check_exactly_once, children_of, kill_group, kill_leftovers, pids_mentioning, pod5_reads,
 )

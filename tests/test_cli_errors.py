@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from ledgerbc import errors, models
 from ledgerbc.cli import cli
 from ledgerbc.db import SCHEMA_HEAD, Ledger
-from ledgerbc.synth import truncate_copy, write_pod5
+from ledgerbc.testkit.synth import truncate_copy, write_pod5
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]

@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from ledgerbc import doctor, errors, models
+from ledgerbc import doctor, errors, models, mounts
 from ledgerbc.cli import cli
-from ledgerbc.testing import install_fake_dorado
+from ledgerbc.testkit import install_fake_dorado
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -42,8 +42,8 @@ BEEGFS = "902 27 0:82 / /nfs/data rw,relatime - beegfs beegfs_nodev rw,cfgFile=/
 
 
 def judge(line: str) -> doctor.Check:
-    mounts = doctor.parse_mountinfo("27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n" + line + "\n")
-    return doctor.judge_mount(doctor.mount_of("/nfs/data/run1", mounts), "/nfs/data/run1")
+    table = mounts.parse_mountinfo("27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n" + line + "\n")
+    return mounts.judge_mount(mounts.mount_of("/nfs/data/run1", table), "/nfs/data/run1")
 
 
 @pytest.mark.parametrize("line,needles", [
@@ -89,18 +89,18 @@ def test_mountinfo_parsing_fields_escapes_and_longest_prefix():
         "43 42 0:43 / /mnt/a rw - fuse.glusterfs g:/v rw",  # mounted over /mnt/a: the top one counts
         "garbage line",
     ])
-    mounts = doctor.parse_mountinfo(text)
-    assert len(mounts) == 5
-    nfs = mounts[1]
+    table = mounts.parse_mountinfo(text)
+    assert len(table) == 5
+    nfs = table[1]
     assert nfs.mount_point == "/mnt/my data" and nfs.root == "/exp" and nfs.fstype == "nfs4"
     assert nfs.optional_fields == ["shared:12", "master:3", "propagate_from:2"]
     assert nfs.mount_options == ["rw", "noatime"]
     assert nfs.options["local_lock"] == "none" and nfs.options["vers"] == "4.1"
-    assert doctor.mount_of("/mnt/my data/x/ledger", mounts) is nfs
-    assert doctor.mount_of("/mnt/a/x", mounts).fstype == "fuse.glusterfs"
-    assert doctor.mount_of("/mnt/abc/x", mounts).fstype == "ext4"  # /mnt/a is no prefix of /mnt/abc
-    assert doctor.mount_of("/mnt/ab", mounts).fstype == "tmpfs"
-    assert doctor.mount_of("/", mounts).fstype == "ext4"
+    assert mounts.mount_of("/mnt/my data/x/ledger", table) is nfs
+    assert mounts.mount_of("/mnt/a/x", table).fstype == "fuse.glusterfs"
+    assert mounts.mount_of("/mnt/abc/x", table).fstype == "ext4"  # /mnt/a is no prefix of /mnt/abc
+    assert mounts.mount_of("/mnt/ab", table).fstype == "tmpfs"
+    assert mounts.mount_of("/", table).fstype == "ext4"
 
 
 def _fake_mountinfo(tmp_path, line: str) -> str:
@@ -112,14 +112,14 @@ def _fake_mountinfo(tmp_path, line: str) -> str:
 def test_refuse_unsafe_mount_raises_with_exit_7(tmp_path):
     info = _fake_mountinfo(tmp_path, NFS3_NOLOCK)
     with pytest.raises(errors.UnsafeFilesystem, match="nolock") as caught:
-        doctor.refuse_unsafe_mount(tmp_path, mountinfo=info)
+        mounts.refuse_unsafe_mount(tmp_path, mountinfo=info)
     assert caught.value.exit_code == 7
-    assert doctor.refuse_unsafe_mount(tmp_path, mountinfo=_fake_mountinfo(tmp_path, GLUSTER)).status == doctor.OK
+    assert mounts.refuse_unsafe_mount(tmp_path, mountinfo=_fake_mountinfo(tmp_path, GLUSTER)).status == doctor.OK
 
 
 def test_run_refuses_an_unsafe_mount_before_registering(make_ledger, tmp_path, monkeypatch):
     ledger, _settings = make_ledger(n_files=2)
-    monkeypatch.setattr(doctor, "MOUNTINFO", _fake_mountinfo(tmp_path, LUSTRE_LOCALFLOCK))
+    monkeypatch.setattr(mounts, "MOUNTINFO", _fake_mountinfo(tmp_path, LUSTRE_LOCALFLOCK))
     result = CliRunner().invoke(cli, ["run", "--ledger", str(ledger.path)])
     assert result.exit_code == 7, result.output
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1 and "localflock" in result.stderr

@@ -9,7 +9,7 @@ from helpers import (  # noqa: F401  (study is a fixture)
 from ledgerbc import claim, janitor, models
 from ledgerbc.errors import NotOwner
 from ledgerbc.run import Worker, WorkerOptions
-from ledgerbc.synth import make_dataset
+from ledgerbc.testkit.synth import make_dataset
 
 
 def _reclaim(study: Study, batch_id: int) -> None:

@@ -26,7 +26,7 @@ from ledgerbc.db import Ledger
 from ledgerbc.follow import RunState, find_final_summary, scan_interval, take_scanner_role
 from ledgerbc.scan import Scanner
 from ledgerbc.settings import Settings
-from ledgerbc.synth import truncate_copy, write_pod5
+from ledgerbc.testkit.synth import truncate_copy, write_pod5
 
 WRITER = Path(__file__).with_name("live_writer.py")
 SETTLE = 2.0

@@ -22,8 +22,8 @@ from ledgerbc.db import Ledger
 from ledgerbc.layout import Layout, link_name
 from ledgerbc.models import Batch, Event, Pod5File
 from ledgerbc.settings import Settings
-from ledgerbc.synth import make_dataset
-from ledgerbc.testing import install_fake_dorado
+from ledgerbc.testkit.synth import make_dataset
+from ledgerbc.testkit import install_fake_dorado
 from recovery_helpers import check_exactly_once
 
 LEASE, HEARTBEAT, SKEW = 60.0, 10.0, 20.0

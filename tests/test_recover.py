@@ -17,7 +17,7 @@ from ledgerbc import claim, models
 from ledgerbc.db import Ledger
 from ledgerbc.models import Batch
 from ledgerbc.rebuild import ID_MARGIN, rebuild_ledger
-from ledgerbc.synth import write_pod5
+from ledgerbc.testkit.synth import write_pod5
 from recovery_helpers import Study, check_exactly_once, children_of, kill_leftovers, pod5_reads
 
 REBUILD_HINT = "recover --rebuild"

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from ledgerbc import models
 from ledgerbc.cli import cli
-from ledgerbc.synth import truncate_copy, write_pod5
+from ledgerbc.testkit.synth import truncate_copy, write_pod5
 from recovery_helpers import Study, check_exactly_once, kill_leftovers, pod5_reads
 
 BAD = ["bad/bad_one.pod5", "bad/bad_two.pod5"]

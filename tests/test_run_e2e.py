@@ -11,7 +11,7 @@ from helpers import (  # noqa: F401  (study is a fixture)
     read_bam, study,
 )
 from ledgerbc import models
-from ledgerbc.synth import HOSTILE_NAMES, make_dataset
+from ledgerbc.testkit.synth import HOSTILE_NAMES, make_dataset
 
 
 @pytest.mark.slow

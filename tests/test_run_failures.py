@@ -7,7 +7,7 @@ from helpers import (  # noqa: F401  (study is a fixture)
     wait_for,
 )
 from ledgerbc import lease, models
-from ledgerbc.synth import make_dataset, truncate_copy, write_pod5
+from ledgerbc.testkit.synth import make_dataset, truncate_copy, write_pod5
 
 
 def _by_batch(study: Study, batch_id: int) -> dict:

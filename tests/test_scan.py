@@ -1,6 +1,6 @@
 """Admitting pod5 files (scan.py): what is never scanned, duplicates, idempotence, hostile names.
 
-Every pod5 here is real, written by `pod5.Writer` (ledgerbc.synth) or copied from the ONT test data.
+Every pod5 here is real, written by `pod5.Writer` (ledgerbc.testkit.synth) or copied from the ONT test data.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ledgerbc.create import init_ledger
 from ledgerbc.db import Ledger
 from ledgerbc.scan import Scanner
 from ledgerbc.settings import Settings
-from ledgerbc.synth import HOSTILE_NAMES, make_dataset, write_pod5
+from ledgerbc.testkit.synth import HOSTILE_NAMES, make_dataset, write_pod5
 
 
 def rows_by_rel(ledger) -> dict:

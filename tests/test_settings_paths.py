@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from ledgerbc import db, models
 from ledgerbc.create import init_ledger
 from ledgerbc.settings import Settings
-from ledgerbc.synth import make_dataset
+from ledgerbc.testkit.synth import make_dataset
 
 
 def stored(ledger) -> dict:

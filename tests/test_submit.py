@@ -238,11 +238,11 @@ def test_unexpected_sbatch_output_is_an_error(sbatch, monkeypatch):
 
 
 def test_submit_refuses_an_unsafe_mount_before_sbatch(sbatch, hostile_ledger, tmp_path, monkeypatch):
-    from ledgerbc import doctor
+    from ledgerbc import mounts
 
     fake = tmp_path / "mountinfo"
     fake.write_text("27 1 0:50 / / rw,relatime - nfs fs01:/export rw,vers=3,nolock,local_lock=all,addr=10.0.0.1\n")
-    monkeypatch.setattr(doctor, "MOUNTINFO", str(fake))
+    monkeypatch.setattr(mounts, "MOUNTINFO", str(fake))
     result = invoke("submit", "--ledger", hostile_ledger, "--tasks", 2)
     assert result.exit_code == errors.UnsafeFilesystem.exit_code
     assert "nolock" in result.stderr and not sbatch.calls()

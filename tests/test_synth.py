@@ -2,7 +2,7 @@
 import pod5
 import pytest
 
-from ledgerbc.synth import HOSTILE_NAMES, SPLIT_READ_SAMPLES, make_dataset, truncate_copy, write_pod5
+from ledgerbc.testkit.synth import HOSTILE_NAMES, SPLIT_READ_SAMPLES, make_dataset, truncate_copy, write_pod5
 
 
 def read_back(path):

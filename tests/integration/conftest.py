@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_for  # noqa: F401  (tests/ is on sys.path: re-exported for the integration tests)
-from ledgerbc.testing import install_fake_dorado
+from ledgerbc.testkit import install_fake_dorado
 
 ENV_FILE = Path("/run/ledgerbc-ci/env")
 JOBCOMP_LOG = Path(os.environ.get("LEDGERBC_TEST_JOBCOMP", "/var/log/slurm/jobcomp.log"))

@@ -6,7 +6,7 @@ import pytest
 
 from ledgerbc import doctor
 from ledgerbc.db import Ledger
-from ledgerbc.synth import make_dataset
+from ledgerbc.testkit.synth import make_dataset
 
 from .conftest import cli, job_env
 

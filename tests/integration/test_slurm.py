@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from ledgerbc import models
 from ledgerbc.db import Ledger
-from ledgerbc.synth import make_dataset
+from ledgerbc.testkit.synth import make_dataset
 from recovery_helpers import check_exactly_once
 
 from .conftest import cli, job_env, ledgerbc_exe, task_logs, wait_for, write_task_wrapper

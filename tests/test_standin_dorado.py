@@ -11,8 +11,8 @@ import pysam
 import pytest
 
 from ledgerbc.split import split_bam
-from ledgerbc.synth import make_dataset
-from ledgerbc.testing import install_fake_dorado
+from ledgerbc.testkit.synth import make_dataset
+from ledgerbc.testkit import install_fake_dorado
 
 REAL_POD5 = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-pod5"
 SOURCES = {
