@@ -44,7 +44,9 @@ class DoradoProcess:
         bam_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(bam_path, "wb") as out, open(log_path, "ab") as err:
-            err.write(("[ledgerbc] running: " + " ".join(_quote(a) for a in argv) + "\n").encode())
+            gpus = (env if env is not None else os.environ).get("CUDA_VISIBLE_DEVICES")
+            where = f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus is not None else ""
+            err.write(("[ledgerbc] running: " + " ".join(_quote(a) for a in argv) + where + "\n").encode())
             err.flush()
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True, env=env
