@@ -30,10 +30,6 @@ from sqlalchemy.pool import NullPool
 from . import errors, models
 from .durable import fsync_path
 
-# Schema revisions this version knows, oldest first; the last is what it writes.
-KNOWN_REVISIONS = ("0001", "0002")
-SCHEMA_HEAD = KNOWN_REVISIONS[-1]
-
 LOCK_POLL = float(os.environ.get("LEDGERBC_LOCK_POLL", "0.01"))  # seconds between attempts at a held lock (jittered)
 TURN_POLL = 0.0005  # the same, for the one process that holds the turnstile (it is next in line)
 TURN_WAIT = 5.0  # longest wait for the turnstile before polling the ledger lock directly
@@ -358,15 +354,18 @@ class Ledger:
                 "or rebuild with `ledgerbc recover --rebuild --input DIR --output DIR`."
             ) from None
         version = rows[0][0] if rows else None
-        if version not in KNOWN_REVISIONS:
+        from .schema import head_revision, known_revisions  # alembic: only once a ledger is opened
+
+        head = head_revision()
+        if version not in known_revisions():
             raise errors.SchemaMismatch(
                 f"the ledger {self.path} has schema '{version}', newer than this ledgerbc knows "
-                f"(up to {SCHEMA_HEAD}). Use the ledgerbc version that wrote it (pip install -U ledgerbc)."
+                f"(up to {head}). Use the ledgerbc version that wrote it (pip install -U ledgerbc)."
             )
-        if version != SCHEMA_HEAD:
+        if version != head:
             raise errors.SchemaMismatch(
                 f"the ledger {self.path} has the older schema {version} (this ledgerbc writes "
-                f"{SCHEMA_HEAD}). Stop all workers, then run `ledgerbc upgrade --ledger {self.path}`."
+                f"{head}). Stop all workers, then run `ledgerbc upgrade --ledger {self.path}`."
             )
         self._schema_checked = True
 
@@ -423,10 +422,12 @@ def write_settings(conn, settings) -> None:
     )
 
 
-def create_ledger_file(path: Path, settings, revision: str = SCHEMA_HEAD) -> None:
-    """Build a new ledger at `path` (which must not exist yet) with the schema and settings."""
+def create_ledger_file(path: Path, settings, revision: str | None = None) -> None:
+    """Build a new ledger at `path` (which must not exist yet) with the schema (`revision`, default the
+    newest) and settings."""
     from . import schema
 
+    revision = revision or schema.head_revision()
     engine = make_engine(path, create=True)
     try:
         with engine.connect() as conn:

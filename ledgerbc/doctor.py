@@ -129,7 +129,7 @@ def clock_check(folder, allowed: float, clock=time.time) -> Check:
 # -- the ledger's content ------------------------------------------------------------------------------------
 def ledger_checks(ledger) -> tuple[list[Check], object | None]:
     """integrity_check, schema, count invariants; also returns the settings when they are readable."""
-    from . import db
+    from . import db, schema
 
     try:
         version, problems = ledger.health()
@@ -140,7 +140,7 @@ def ledger_checks(ledger) -> tuple[list[Check], object | None]:
         return [Check(FAIL, "integrity", f"PRAGMA integrity_check: {shown}. Stop the workers, then rebuild with "
                       "`ledgerbc recover --rebuild --input DIR --output DIR`.", errors.LedgerCorrupt.exit_code)], None
     checks = [Check(OK, "integrity", "PRAGMA integrity_check: ok")]
-    if version != db.SCHEMA_HEAD:
+    if version != schema.head_revision():
         try:
             ledger.read_settings()  # raises the schema error with the command that fixes it
         except errors.LedgerError as exc:

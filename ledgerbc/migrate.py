@@ -32,14 +32,15 @@ def upgrade_ledger(ledger):
         raise LedgerNotFound(f"no ledger at {ledger.path}. Give the ledger's path with --ledger.")
     with ledger.locked():
         before = current_revision(ledger.path)
-        if before not in db.KNOWN_REVISIONS:
+        head = schema.head_revision()
+        if before not in schema.known_revisions():
             raise SchemaMismatch(
                 f"the ledger {ledger.path} has schema '{before}', newer than this ledgerbc knows. "
                 "Use the ledgerbc version that wrote it."
             )
-        if before == db.SCHEMA_HEAD:
+        if before == head:
             return before, before, None
-        backup = ledger.path.with_name(f"{ledger.path.name}.before-{db.SCHEMA_HEAD}")
+        backup = ledger.path.with_name(f"{ledger.path.name}.before-{head}")
         shutil.copy2(ledger.path, backup)
         engine = db.make_engine(ledger.path)
         try:

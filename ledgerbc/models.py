@@ -7,9 +7,13 @@ State machine of a pod5 file (every change goes through `claim.py` or `janitor.p
                                 |                 |   \\-fail (attempts >= max)--> failed --retry--> pending
                                 +----release------+
     duplicate: the same pod5 (file_identifier) under another path; never basecalled.
+    gone: an original that vanished from INPUT_DIR before it was basecalled; a copy became the original.
+
+A file's identity is its `rel_path` plus its `file_identifier`: row ids are renumbered by a rebuild and
+never decide which file a publication marks done (claim.py).
 """
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # pod5 file states
@@ -19,7 +23,8 @@ CLAIMED = "claimed"
 DONE = "done"
 FAILED = "failed"
 DUPLICATE = "duplicate"
-FILE_STATES = (WAITING, PENDING, CLAIMED, DONE, FAILED, DUPLICATE)
+GONE = "gone"
+FILE_STATES = (WAITING, PENDING, CLAIMED, DONE, FAILED, DUPLICATE, GONE)
 
 # batch states
 RUNNING = "running"
@@ -28,6 +33,16 @@ RELEASED = "released"  # given back by its worker (SIGTERM, shutdown): no attemp
 RECLAIMED = "reclaimed"  # taken back by a janitor after its lease expired
 BATCH_FAILED = "failed"  # dorado failed on it; its files were retried or failed
 BATCH_STATES = (RUNNING, BATCH_DONE, RELEASED, RECLAIMED, BATCH_FAILED)
+
+# worker states
+WORKER_RUNNING = "running"
+WORKER_EXITED = "exited"
+
+# output kinds (outputs.kind)
+PASS = "pass"
+FAIL = "fail"
+SUMMARY = "summary"
+OUTPUT_KINDS = (PASS, FAIL, SUMMARY)
 
 
 class Base(DeclarativeBase):
@@ -44,7 +59,10 @@ class Setting(Base):
 
 class Pod5File(Base):
     __tablename__ = "pod5_files"
-    __table_args__ = (Index("ix_pod5_files_state_id", "state", "id"),)
+    __table_args__ = (
+        Index("ix_pod5_files_state_id", "state", "id"),
+        Index("ix_pod5_files_state_chemistry_id", "state", "chemistry", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     rel_path: Mapped[str] = mapped_column(Text, unique=True)
@@ -65,6 +83,13 @@ class Pod5File(Base):
     done_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # follow mode: when size and mtime were last seen to change (settle time counts from here)
     stable_since: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # run info, read at scan from every read group of the file (DESIGN §4: one chemistry per batch)
+    flow_cell_product_code: Mapped[str | None] = mapped_column(String, nullable=True)
+    sequencing_kit: Mapped[str | None] = mapped_column(String, nullable=True)
+    sample_rate: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    chemistry: Mapped[str | None] = mapped_column(String, nullable=True)  # the batch key (chemistry.py)
+    samples: Mapped[int | None] = mapped_column(Integer, nullable=True)  # signal samples of all its reads
+    isolate: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # claim it alone
 
 
 class Batch(Base):
@@ -82,6 +107,13 @@ class Batch(Base):
     n_files: Mapped[int] = mapped_column(Integer)
     n_bytes: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The fencing token is (id, token): a random nonce, so that even an id handed out again after a rebuild
+    # (a claim that left no trace on disk) never matches the zombie that holds the old one.
+    token: Mapped[str | None] = mapped_column(String, nullable=True)
+    chemistry: Mapped[str | None] = mapped_column(String, nullable=True)
+    model: Mapped[str | None] = mapped_column(String, nullable=True)
+    dorado_version: Mapped[str | None] = mapped_column(String, nullable=True)
+    gpus: Mapped[str | None] = mapped_column(String, nullable=True)  # CUDA_VISIBLE_DEVICES it ran with
 
 
 class Worker(Base):
@@ -95,6 +127,8 @@ class Worker(Base):
     last_seen: Mapped[float] = mapped_column(Float)
     state: Mapped[str] = mapped_column(String)  # running | exited
     batches_done: Mapped[int] = mapped_column(Integer, default=0)
+    dorado_version: Mapped[str | None] = mapped_column(String, nullable=True)
+    gpus: Mapped[str | None] = mapped_column(String, nullable=True)
 
 
 class Role(Base):
@@ -119,3 +153,25 @@ class Event(Base):
     batch_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     file_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Output(Base):
+    """One published output file of a done input: pass/fail (per barcode when barcoded) or its summary.
+
+    Written in the publication's transaction; `verify` checks files against these rows, and status,
+    finalize and the report add them up (per file x barcode read and base counts).
+    """
+
+    __tablename__ = "outputs"
+    __table_args__ = (Index("ix_outputs_file_id", "file_id"), Index("ix_outputs_barcode", "barcode"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    file_id: Mapped[int] = mapped_column(ForeignKey("pod5_files.id"))
+    batch_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    kind: Mapped[str] = mapped_column(String)  # pass | fail | summary
+    barcode: Mapped[str | None] = mapped_column(String, nullable=True)  # the <barcode> folder; None unbarcoded
+    path: Mapped[str] = mapped_column(Text)  # relative to OUTPUT_DIR
+    reads: Mapped[int] = mapped_column(Integer)
+    bases: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(Integer)
+    checksum: Mapped[str | None] = mapped_column(String, nullable=True)  # "crc32:<8 hex>" of the bytes

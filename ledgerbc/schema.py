@@ -1,5 +1,10 @@
-"""Alembic migrations, run from inside the installed package (workers run from an install, not a checkout)."""
+"""Alembic migrations, run from inside the installed package (workers run from an install, not a checkout).
 
+The migration scripts are the one source of the schema revisions this version knows: which ledgers it
+opens (`db.Ledger` refuses others) and what `upgrade` writes both come from here.
+"""
+
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -17,8 +22,15 @@ def alembic_config(connection=None) -> Config:
     return cfg
 
 
+@functools.cache
+def known_revisions() -> tuple[str, ...]:
+    """Every revision of the shipped migrations, oldest first; the last is the head this version writes."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return tuple(reversed([rev.revision for rev in script.walk_revisions()]))
+
+
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return known_revisions()[-1]
 
 
 def upgrade(connection, revision: str = "head") -> None:
