@@ -129,7 +129,7 @@ def clock_check(folder, allowed: float, clock=time.time) -> Check:
 # -- the ledger's content ------------------------------------------------------------------------------------
 def ledger_checks(ledger) -> tuple[list[Check], object | None]:
     """integrity_check, schema, count invariants; also returns the settings when they are readable."""
-    from . import db, schema
+    from . import schema
 
     try:
         version, problems = ledger.health()
