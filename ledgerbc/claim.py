@@ -1,40 +1,51 @@
 """The batch life cycle (DESIGN §4): claim, heartbeat, publish, fail, release.
 
-Each function is one short transaction under the global lock. The batch id is the fencing token:
-every change to a batch or its files first checks, in the same transaction, that the batch is still
-running and owned by the caller (`_owned`), and refuses with `NotOwner` otherwise. A zombie worker whose
-batch was reclaimed can therefore neither heartbeat, nor publish, nor fail files that moved on.
+Each function is one short transaction under the global lock. The fencing token of a batch is its id
+plus a random nonce (`Batch.token`): every change to a batch or its files first checks, in the same
+transaction, that the batch is still running and owned by the caller with that token (`_owned`), and
+refuses with `NotOwner` otherwise. A zombie worker whose batch was reclaimed — or whose batch id was
+handed out again after a rebuild that saw no trace of its claim — can neither heartbeat, nor publish,
+nor fail files that moved on.
+
+Files are named by their identity, relative path plus pod5 `file_identifier`, never by row id: a rebuild
+renumbers rows under a live worker, which must still publish exactly its own files.
 """
 
+from __future__ import annotations
+
 import math
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
 from . import models
 from .errors import IllegalTransition, NotOwner
-from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Pod5File, Worker
+from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Batch, Event, Output, Pod5File, Worker
+from .prepared import Prepared, p
 
 LOOKAHEAD = 2048  # pending rows read per claim: enough to size the batch, cheap on a 1M-file ledger
-# Errors of files a janitor took back start with this: the worker died, not (necessarily) the file.
-RECLAIMED = "reclaimed: "
 TAIL_LARGEST_FIRST = True  # byte-target batches: largest files first once the target shrinks (choose_batch)
 
 
 @dataclass
 class ClaimedFile:
-    id: int
     rel: str
+    file_identifier: str | None
     size: int
-    read_count: int | None
-    attempts: int
+    read_count: int | None = None
+    samples: int | None = None
+    attempts: int = 0
+    id: int | None = None  # its row id in the ledger that made the claim: informational, never used to publish
 
 
 @dataclass
 class Claim:
     batch_id: int
+    token: str
     worker_id: str
     files: list[ClaimedFile]
+    chemistry: str | None = None
 
     @property
     def n_bytes(self) -> int:
@@ -42,61 +53,87 @@ class Claim:
 
 
 @dataclass
+class OutputRecord:
+    """One output file written for an input: what `outputs` records at publication."""
+
+    kind: str  # models.PASS | FAIL | SUMMARY
+    path: str  # relative to OUTPUT_DIR
+    reads: int = 0
+    bases: int = 0
+    bytes: int = 0
+    checksum: str | None = None
+    barcode: str | None = None
+
+
+@dataclass
 class FileResult:
     """The outcome of one file of a batch, as the worker saw it after splitting dorado's output."""
 
-    file_id: int
+    rel: str
     ok: bool
     reads_pass: int = 0
     reads_fail: int = 0
     reads_missing: int = 0
     bases: int = 0
     error: str | None = None
+    outputs: list[OutputRecord] = field(default_factory=list)
+    isolate: bool = True  # a failure on the file's own account: claim it alone next time
 
 
 def _now(ledger) -> float:
     return ledger.clock()
 
 
-# The hot path (claim, publish, heartbeat) runs these statements as plain SQL: built once, no SQLAlchemy
-# statement construction or cache-key work under the global lock (that was ~2 of the ~5 ms a claim and
-# its publication held the lock; bench/claim.py). Column names are those of models.py.
-_SQL_EVENT = "INSERT INTO events (ts, kind, worker_id, batch_id, file_id, message) VALUES (?, ?, ?, ?, ?, ?)"
-_SQL_OWNER = "SELECT worker_id, state FROM batches WHERE id = ?"
-_SQL_TOUCH = "UPDATE workers SET last_seen = ?, state = 'running' WHERE worker_id = ?"
-_SQL_LIVE = "SELECT count(*) FROM workers WHERE state = 'running' AND last_seen >= ?"
-_SQL_PENDING = "SELECT id, size, attempts, last_error FROM pod5_files WHERE state = ? ORDER BY id LIMIT ?"
-_SQL_NEW_BATCH = (
-    "INSERT INTO batches (worker_id, state, claimed_at, heartbeat_at, n_files, n_bytes) VALUES (?, ?, ?, ?, ?, ?)"
-)
-_SQL_TAKE_FILE = "UPDATE pod5_files SET state = ?, batch_id = ? WHERE id = ? AND state = ?"
-_SQL_FILE_DETAILS = "SELECT id, rel_path, read_count FROM pod5_files WHERE id IN ({})"  # by primary key
-_SQL_BEAT = "UPDATE batches SET heartbeat_at = ? WHERE id = ?"
-_SQL_FILE_DONE = (
-    "UPDATE pod5_files SET state = ?, reads_pass = ?, reads_fail = ?, reads_missing = ?, bases = ?, done_at = ?,"
-    " last_error = NULL WHERE id = ? AND batch_id = ? AND state = ?"
-)
-_SQL_FINISH = "UPDATE batches SET state = ?, finished_at = ?, error = ? WHERE id = ? AND state = ?"
-_SQL_WORKER_DONE = "UPDATE workers SET batches_done = batches_done + 1, last_seen = ? WHERE worker_id = ?"
+# -- the hot path's statements (prepared.py: names from the models, compiled once) ----------------------
+P, B, W = Pod5File, Batch, Worker
+_EVENT = Prepared.of(sa.insert(Event).values(
+    ts=p("ts"), kind=p("kind"), worker_id=p("worker_id"), batch_id=p("batch_id"), file_id=p("file_id"),
+    message=p("message")))
+_OWNER = Prepared.of(sa.select(B.worker_id, B.state, B.token).where(B.id == p("batch_id")))
+_TOUCH = Prepared.of(sa.update(W).where(W.worker_id == p("worker_id"))
+                     .values(last_seen=p("now"), state=models.WORKER_RUNNING))
+_LIVE = Prepared.of(sa.select(sa.func.count()).select_from(W)
+                    .where(W.state == models.WORKER_RUNNING, W.last_seen >= p("since")))
+_PENDING_COLUMNS = (P.id, P.size, P.attempts, P.isolate, P.chemistry)
+_PENDING = Prepared.of(sa.select(*_PENDING_COLUMNS).where(P.state == PENDING).order_by(P.id).limit(p("n")))
+_PENDING_OF_KEY = Prepared.of(sa.select(*_PENDING_COLUMNS)
+                              .where(P.state == PENDING, P.chemistry.is_(p("chemistry"))).order_by(P.id).limit(p("n")))
+_NEW_BATCH = Prepared.of(sa.insert(B).values(
+    worker_id=p("worker_id"), state=RUNNING, claimed_at=p("now"), heartbeat_at=p("now"), n_files=p("n_files"),
+    n_bytes=p("n_bytes"), token=p("token"), chemistry=p("chemistry")))
+_TAKE_FILE = Prepared.of(sa.update(P).where(P.id == p("id"), P.state == PENDING)
+                         .values(state=CLAIMED, batch_id=p("batch_id")))
+_BEAT = Prepared.of(sa.update(B).where(B.id == p("batch_id")).values(heartbeat_at=p("now")))
+_BATCH_FILES = Prepared.of(sa.select(P.id, P.rel_path, P.file_identifier, P.size, P.read_count, P.samples, P.attempts)
+                           .where(P.batch_id == p("batch_id"), P.state == CLAIMED))
+_FILE_DONE = Prepared.of(sa.update(P).where(P.id == p("id"), P.batch_id == p("batch_id"), P.state == CLAIMED).values(
+    state=DONE, reads_pass=p("reads_pass"), reads_fail=p("reads_fail"), reads_missing=p("reads_missing"),
+    bases=p("bases"), done_at=p("now"), last_error=None, isolate=False))
+_OUTPUT = Prepared.of(sa.insert(Output).values(
+    file_id=p("file_id"), batch_id=p("batch_id"), kind=p("kind"), barcode=p("barcode"), path=p("path"),
+    reads=p("reads"), bases=p("bases"), bytes=p("bytes"), checksum=p("checksum")))
+_FINISH = Prepared.of(sa.update(B).where(B.id == p("batch_id"), B.state == RUNNING)
+                      .values(state=p("state"), finished_at=p("now"), error=p("error")))
+_PROVENANCE = Prepared.of(sa.update(B).where(B.id == p("batch_id"))
+                          .values(model=p("model"), dorado_version=p("dorado_version"), gpus=p("gpus")))
+_WORKER_DONE = Prepared.of(sa.update(W).where(W.worker_id == p("worker_id"))
+                           .values(batches_done=W.batches_done + 1, last_seen=p("now")))
+HOT_PATH = (_EVENT, _OWNER, _TOUCH, _LIVE, _PENDING, _PENDING_OF_KEY, _NEW_BATCH, _TAKE_FILE, _BEAT,
+            _BATCH_FILES, _FILE_DONE, _OUTPUT, _FINISH, _PROVENANCE, _WORKER_DONE)
 
 
-def _write(conn, sql: str, params=()):
-    """Run a prebuilt INSERT/UPDATE on the transaction's own sqlite3 connection (no SQLAlchemy result
-    machinery: it is most of what is left of a statement's cost); a list of tuples runs it for each."""
-    raw = conn.connection.dbapi_connection
-    return raw.executemany(sql, params) if isinstance(params, list) else raw.execute(sql, params)
+def event(conn, now, kind, worker_id=None, batch_id=None, file_id=None, message=None):
+    """Append to the ledger's history (`events`)."""
+    _EVENT.run(conn, ts=now, kind=kind, worker_id=worker_id, batch_id=batch_id, file_id=file_id, message=message)
 
 
-def _event(conn, now, kind, worker_id=None, batch_id=None, file_id=None, message=None):
-    _write(conn, _SQL_EVENT, (now, kind, worker_id, batch_id, file_id, message))
-
-
-def _owned(conn, batch_id: int, worker_id: str):
-    """The guard: the batch must be running and owned by `worker_id`."""
-    row = conn.exec_driver_sql(_SQL_OWNER, (batch_id,)).first()
-    if row is None or row.worker_id != worker_id or row.state != RUNNING:
-        state = "gone" if row is None else f"{row.state}, owner {row.worker_id}"
-        raise NotOwner(f"batch {batch_id} is no longer owned by {worker_id} ({state}): this worker was fenced.")
+def _owned(conn, c: Claim):
+    """The guard: the batch must be running and owned by `c.worker_id` under the same fencing nonce."""
+    row = _OWNER.run(conn, batch_id=c.batch_id).fetchone()
+    if row is None or row[0] != c.worker_id or row[1] != RUNNING or row[2] != c.token:
+        state = "gone" if row is None else (
+            f"{row[1]}, owner {row[0]}" + ("" if row[2] == c.token else ", another fencing token"))
+        raise NotOwner(f"batch {c.batch_id} is no longer owned by {c.worker_id} ({state}): this worker was fenced.")
     return row
 
 
@@ -104,9 +141,9 @@ def _owned(conn, batch_id: int, worker_id: str):
 def touch_worker(conn, worker_id: str, now: float, **values) -> None:
     """Mark a worker alive, re-creating its row if a rebuilt ledger does not know it yet."""
     if not values:  # the hot path: claims, heartbeats
-        if _write(conn, _SQL_TOUCH, (now, worker_id)).rowcount:
+        if _TOUCH.run(conn, now=now, worker_id=worker_id).rowcount:
             return
-    values = dict(last_seen=now, state="running", **values)
+    values = dict(last_seen=now, state=models.WORKER_RUNNING, **values)
     updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
     if updated.rowcount == 0:
         values.setdefault("host", worker_id.rsplit("@", 1)[-1])
@@ -114,11 +151,13 @@ def touch_worker(conn, worker_id: str, now: float, **values) -> None:
         conn.execute(sa.insert(Worker).values(worker_id=worker_id, started_at=now, batches_done=0, **values))
 
 
-def register_worker(ledger, worker_id: str, host: str, pid: int, device: str | None) -> None:
+def register_worker(ledger, worker_id: str, host: str, pid: int, device: str | None, **details) -> None:
+    """A worker starts (`details`: dorado_version, gpus)."""
+
     def txn(conn):
         now = _now(ledger)
-        touch_worker(conn, worker_id, now, host=host, pid=pid, device=device)
-        _event(conn, now, "worker-start", worker_id, message=f"{host} pid {pid} {device or ''}".strip())
+        touch_worker(conn, worker_id, now, host=host, pid=pid, device=device, **details)
+        event(conn, now, "worker-start", worker_id, message=f"{host} pid {pid} {device or ''}".strip())
 
     ledger.transact(txn)
 
@@ -126,34 +165,34 @@ def register_worker(ledger, worker_id: str, host: str, pid: int, device: str | N
 def worker_exited(ledger, worker_id: str, reason: str = "") -> None:
     def txn(conn):
         now = _now(ledger)
-        conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(state="exited", last_seen=now))
-        _event(conn, now, "worker-exit", worker_id, message=reason or None)
+        conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id)
+                     .values(state=models.WORKER_EXITED, last_seen=now))
+        event(conn, now, "worker-exit", worker_id, message=reason or None)
 
     ledger.transact(txn)
 
 
 # -- claim -------------------------------------------------------------------------------------------
 def _live_workers(conn, now: float, window: float) -> int:
-    return conn.exec_driver_sql(_SQL_LIVE, (now - window,)).scalar_one()
-
-
-def suspect(row) -> bool:
-    """A pending file whose earlier attempt failed on the file's account (dorado error, no reads)."""
-    return row.attempts > 0 and not (getattr(row, "last_error", None) or "").startswith(RECLAIMED)
+    return _LIVE.run(conn, since=now - window).fetchone()[0]
 
 
 def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: bool):
-    """Pick the files of the next batch from `pending` (oldest first, (id, size, attempts) rows).
+    """Pick the files of the next batch from `pending` (oldest first; rows with id, size, attempts,
+    isolate, chemistry). Every file of a batch has the same chemistry key (DESIGN §4: dorado refuses or
+    miscalls mixed chemistries): the key of the oldest pending file, or in the tail of the run that of the
+    largest one.
 
-    The target is the configured count or byte size, shrunk toward the end of the run so that the
-    last batches spread over every live worker instead of leaving GPUs idle: each claim takes at most
-    1/(2*workers) of what remains (guided self-scheduling). `exhausted` says `pending` is all there is.
-    A file that already failed once (not merely reclaimed from a dead worker) is claimed alone, so a bad
-    file cannot fail its batch-mates again. With a byte target, once it has shrunk the largest files go first (see TAIL_LARGEST_FIRST).
+    The target is the configured count or byte size, shrunk toward the end of the run so that the last
+    batches spread over every live worker instead of leaving GPUs idle: each claim takes at most
+    1/(2*workers) of what remains (guided self-scheduling, over all chemistries: a small chemistry group
+    in the middle of a big run keeps full batches). `exhausted` says `pending` is all there is.
+    A file marked `isolate` (it failed on its own account) is claimed alone, so a bad file cannot fail its
+    batch-mates again. With a byte target, once it has shrunk the largest files go first (TAIL_LARGEST_FIRST).
     """
     if not pending:
         return []
-    if suspect(pending[0]):
+    if pending[0].isolate:
         return [pending[0]]
     share = 2 * max(1, live_workers)
     if batch_files is not None:
@@ -167,13 +206,15 @@ def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: boo
         if target < batch_bytes and TAIL_LARGEST_FIRST:
             # The tail of the run (the target has shrunk): largest files first (longest processing time
             # first). Taken oldest first, a 20 GB file claimed in the last minutes leaves every other GPU
-            # idle while it runs; bench/makespan.py measures it (makespan 1.09 -> 1.02 of the lower
-            # bound). Only in byte mode, where a batch of big files stays within its byte target;
-            # retried files are still claimed alone, oldest first, when they come first (above).
-            pending = sorted((r for r in pending if not suspect(r)), key=lambda r: -r.size)  # stable: ties oldest first
+            # idle while it runs; bench/makespan.py measures it. Only in byte mode, where a batch of big
+            # files stays within its byte target; isolated files are still claimed alone when they come first.
+            pending = sorted((r for r in pending if not r.isolate), key=lambda r: -r.size)  # stable: ties oldest first
+    chemistry = pending[0].chemistry
     chosen, total = [], 0
     for row in pending:
-        if suspect(row):
+        if row.chemistry != chemistry:
+            continue
+        if row.isolate:
             break
         if chosen and total + key(row) > target:
             break
@@ -198,36 +239,50 @@ def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
     lookahead = LOOKAHEAD
     if settings.batch_files is not None:
         lookahead = min(LOOKAHEAD, settings.batch_files * 2 * max(1, live) + 1)
-    pending = conn.exec_driver_sql(_SQL_PENDING, (PENDING, lookahead)).all()
+    pending = _PENDING.rows(conn, n=lookahead)
     if not pending:
         return None
-    chosen = choose_batch(
-        pending, settings.batch_files, settings.batch_bytes, live, exhausted=len(pending) < lookahead
-    )
-    batch_id = _write(conn, _SQL_NEW_BATCH, (worker_id, RUNNING, now, now, len(chosen), sum(r.size for r in chosen))).lastrowid
-    moved = _write(conn, _SQL_TAKE_FILE, [(CLAIMED, batch_id, r.id, PENDING) for r in chosen]).rowcount
+    exhausted = len(pending) < lookahead
+    chosen = choose_batch(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
+    if not exhausted and not chosen[0].isolate:
+        # A long queue holds other chemistries too: fill the batch from this chemistry's own rows.
+        same = _PENDING_OF_KEY.rows(conn, chemistry=chosen[0].chemistry, n=lookahead)
+        chosen = choose_batch(same, settings.batch_files, settings.batch_bytes, live, exhausted=False)
+    token = secrets.token_hex(8)
+    chemistry = chosen[0].chemistry
+    batch_id = _NEW_BATCH.run(conn, worker_id=worker_id, now=now, n_files=len(chosen),
+                              n_bytes=sum(r.size for r in chosen), token=token, chemistry=chemistry).lastrowid
+    moved = _TAKE_FILE.run_many(conn, [{"id": r.id, "batch_id": batch_id} for r in chosen]).rowcount
     if moved != len(chosen):  # the row count proves the claim; anything else is a protocol breach
         raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(chosen)} files.")
     touch_worker(conn, worker_id, now)
-    ids = tuple(r.id for r in chosen)
-    details = {r.id: r for r in conn.exec_driver_sql(_SQL_FILE_DETAILS.format(", ".join("?" * len(ids))), ids)}
-    return Claim(
-        batch_id, worker_id,
-        [ClaimedFile(r.id, details[r.id].rel_path, r.size, details[r.id].read_count, r.attempts) for r in chosen],
-    )
+    files = [ClaimedFile(rel, fid, size, reads, samples, attempts, row_id)
+             for row_id, rel, fid, size, reads, samples, attempts in _BATCH_FILES.run(conn, batch_id=batch_id)]
+    order = {r.id: i for i, r in enumerate(chosen)}
+    files.sort(key=lambda f: order[f.id])
+    return Claim(batch_id, token, worker_id, files, chemistry)
 
 
 # -- while dorado runs --------------------------------------------------------------------------------
-def heartbeat(ledger, batch_id: int, worker_id: str) -> None:
+def heartbeat(ledger, c: Claim) -> None:
     """Refresh the lease of a batch; NotOwner if it was reclaimed or released meanwhile."""
 
     def txn(conn):
         now = _now(ledger)
-        _owned(conn, batch_id, worker_id)
-        _write(conn, _SQL_BEAT, (now, batch_id))
-        touch_worker(conn, worker_id, now)
+        _owned(conn, c)
+        _BEAT.run(conn, now=now, batch_id=c.batch_id)
+        touch_worker(conn, c.worker_id, now)
 
     ledger.transact(txn)
+
+
+def still_owned(ledger, c: Claim) -> bool:
+    """Is the batch still this worker's? (A read: for deciding whether an error is only a fencing.)"""
+    try:
+        ledger.transact(lambda conn: _owned(conn, c))
+        return True
+    except NotOwner:
+        return False
 
 
 def worker_alive(ledger, worker_id: str) -> None:
@@ -236,8 +291,12 @@ def worker_alive(ledger, worker_id: str) -> None:
 
 
 # -- endings -------------------------------------------------------------------------------------------
-def return_files(conn, batch_id: int, ids, error: str | None, count_attempt: bool, max_attempts: int, now: float):
-    """Give claimed files of a batch back: pending again, or failed once past `max_attempts`."""
+def return_files(conn, batch_id: int, ids, error: str | None, count_attempt: bool, max_attempts: int,
+                 isolate: bool = False):
+    """Give claimed files of a batch back: pending again, or failed once past `max_attempts`.
+
+    `isolate`: the failure was on the files' own account (dorado error, no reads): claim each alone next time.
+    """
     t = Pod5File
     ids = list(ids)
     if not ids:
@@ -253,6 +312,7 @@ def return_files(conn, batch_id: int, ids, error: str | None, count_attempt: boo
             .values(
                 attempts=t.attempts + 1,
                 last_error=error,
+                isolate=isolate,
                 state=sa.case((t.attempts + 1 >= max_attempts, FAILED), else_=PENDING),
                 batch_id=sa.case((t.attempts + 1 >= max_attempts, t.batch_id), else_=None),
             )
@@ -261,20 +321,53 @@ def return_files(conn, batch_id: int, ids, error: str | None, count_attempt: boo
         raise IllegalTransition(f"batch {batch_id}: {len(ids) - moved} of its files were not claimed by it.")
 
 
-def _batch_file_ids(conn, batch_id: int) -> list[int]:
-    return list(
-        conn.execute(sa.select(Pod5File.id).where(Pod5File.batch_id == batch_id, Pod5File.state == CLAIMED)).scalars()
-    )
+def fail_files_now(conn, batch_id: int, ids, error: str) -> None:
+    """Fail claimed files at once, whatever their attempts: retrying cannot help (e.g. a chemistry that
+    this dorado has no model for). `ledgerbc retry` brings them back."""
+    ids = list(ids)
+    moved = conn.execute(
+        sa.update(Pod5File).where(Pod5File.id.in_(ids), Pod5File.batch_id == batch_id, Pod5File.state == CLAIMED)
+        .values(state=FAILED, attempts=Pod5File.attempts + 1, last_error=error)
+    ).rowcount
+    if moved != len(ids):
+        raise IllegalTransition(f"batch {batch_id}: {len(ids) - moved} of its files were not claimed by it.")
+
+
+def _batch_files(conn, batch_id: int) -> dict[str, tuple]:
+    """The files a batch still holds, by relative path: (row id, file_identifier)."""
+    return {rel: (row_id, fid) for row_id, rel, fid, *_ in _BATCH_FILES.run(conn, batch_id=batch_id)}
 
 
 def _finish_batch(conn, batch_id, state, now, error=None):
-    _write(conn, _SQL_FINISH, (state, now, error, batch_id, RUNNING))
+    _FINISH.run(conn, state=state, now=now, error=error, batch_id=batch_id)
 
 
-def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], install, max_attempts: int,
-            claim_next=None) -> Claim | None:
-    """Publish a finished batch: if still ours, `install()` (the renames into pass/ and fail/) and
-    record every file's outcome, in one transaction. `install` must be idempotent (it may rerun).
+def check_identities(held: dict[str, tuple], c: Claim, rels) -> None:
+    """Every file named must still be claimed by this batch, as the same pod5 (file_identifier)."""
+    expected = {f.rel: f.file_identifier for f in c.files}
+    for rel in rels:
+        row = held.get(rel)
+        if row is None:
+            raise NotOwner(f"batch {c.batch_id}: {rel} is no longer claimed by it: this worker was fenced.")
+        if rel not in expected or row[1] != expected[rel]:
+            raise IllegalTransition(
+                f"batch {c.batch_id}: {rel} is now another pod5 file (file_identifier {row[1]}, claimed as "
+                f"{expected.get(rel)}): nothing published."
+            )
+
+
+def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts: int,
+            claim_next=None, provenance: dict | None = None) -> Claim | None:
+    """Publish a finished batch, in one transaction under the lock (DESIGN §4 Publish):
+
+    1. check the batch is still ours and every one of its files is still claimed by it as the same pod5;
+    2. only then `installer.run()`: the renames into pass/, fail/, summary/ (it checks the lock is still
+       trustworthy before each); 3. record every file's outcome and its outputs, mark done.
+    If anything fails after the renames began — a refused update, a failed COMMIT, a lock that may have
+    been lost — `installer.undo()` runs under the same lock and moves the outputs back: a transaction that
+    fails leaves no new output in place. `installer` may be None (nothing to rename).
+
+    `provenance` (model, dorado_version, gpus: what dorado's BAM says it ran with) is recorded on the batch.
 
     With `claim_next` (the settings), the same transaction also claims the worker's next batch and
     returns it (None when nothing is pending): one transaction per batch instead of two, so the lock is
@@ -283,51 +376,67 @@ def publish(ledger, batch_id: int, worker_id: str, results: list[FileResult], in
 
     def txn(conn):
         now = _now(ledger)
-        _owned(conn, batch_id, worker_id)
-        install()
+        _owned(conn, c)
+        held = _batch_files(conn, c.batch_id)
+        check_identities(held, c, [r.rel for r in results])
+        if installer is not None:
+            installer.run()
         good = [r for r in results if r.ok]
         if good:
-            moved = _write(
-                conn, _SQL_FILE_DONE,
-                [(DONE, r.reads_pass, r.reads_fail, r.reads_missing, r.bases, now, r.file_id, batch_id, CLAIMED)
-                 for r in good],
-            ).rowcount
+            moved = _FILE_DONE.run_many(conn, [
+                dict(id=held[r.rel][0], batch_id=c.batch_id, reads_pass=r.reads_pass, reads_fail=r.reads_fail,
+                     reads_missing=r.reads_missing, bases=r.bases, now=now) for r in good]).rowcount
             if moved != len(good):
-                raise IllegalTransition(f"{len(good) - moved} files of batch {batch_id} were not claimed by it.")
+                raise IllegalTransition(f"{len(good) - moved} files of batch {c.batch_id} were not claimed by it.")
+            outputs = [dict(file_id=held[r.rel][0], batch_id=c.batch_id, kind=o.kind, barcode=o.barcode, path=o.path,
+                            reads=o.reads, bases=o.bases, bytes=o.bytes, checksum=o.checksum)
+                       for r in good for o in r.outputs]
+            if outputs:
+                _OUTPUT.run_many(conn, outputs)
         for r in results:
             if not r.ok:
-                return_files(conn, batch_id, [r.file_id], r.error, True, max_attempts, now)
-                _event(conn, now, "file-failed", worker_id, batch_id, r.file_id, r.error)
-        _finish_batch(conn, batch_id, models.BATCH_DONE, now)
-        _write(conn, _SQL_WORKER_DONE, (now, worker_id))
-        _event(conn, now, "batch-done", worker_id, batch_id, message=f"{len(good)}/{len(results)} files done")
-        return _claim(conn, worker_id, claim_next, now) if claim_next is not None else None
+                return_files(conn, c.batch_id, [held[r.rel][0]], r.error, True, max_attempts, isolate=r.isolate)
+                event(conn, now, "file-failed", c.worker_id, c.batch_id, held[r.rel][0], r.error)
+        _finish_batch(conn, c.batch_id, models.BATCH_DONE, now)
+        if provenance:
+            _PROVENANCE.run(conn, batch_id=c.batch_id, **{k: provenance.get(k) for k in ("model", "dorado_version", "gpus")})
+        _WORKER_DONE.run(conn, now=now, worker_id=c.worker_id)
+        event(conn, now, "batch-done", c.worker_id, c.batch_id, message=f"{len(good)}/{len(results)} files done")
+        return _claim(conn, c.worker_id, claim_next, now) if claim_next is not None else None
 
-    return ledger.transact(txn)
+    return ledger.transact(txn, undo=installer.undo if installer is not None else None)
 
 
-def fail_batch(ledger, batch_id: int, worker_id: str, error: str, max_attempts: int) -> None:
-    """dorado failed on the whole batch: every file back to pending with attempts+1 (or failed)."""
+def fail_batch(ledger, c: Claim, error: str, max_attempts: int, now_failed: bool = False) -> None:
+    """dorado failed on the whole batch: every file back to pending with attempts+1 (or failed), each to be
+    claimed alone next time. `now_failed`: fail them at once (retrying cannot help, e.g. an unsupported
+    chemistry)."""
 
     def txn(conn):
         now = _now(ledger)
-        _owned(conn, batch_id, worker_id)
-        return_files(conn, batch_id, _batch_file_ids(conn, batch_id), error, True, max_attempts, now)
-        _finish_batch(conn, batch_id, models.BATCH_FAILED, now, error)
-        _event(conn, now, "batch-failed", worker_id, batch_id, message=error)
+        _owned(conn, c)
+        ids = [row_id for row_id, _fid in _batch_files(conn, c.batch_id).values()]
+        if now_failed:
+            fail_files_now(conn, c.batch_id, ids, error)
+        else:
+            return_files(conn, c.batch_id, ids, error, True, max_attempts, isolate=True)
+        _finish_batch(conn, c.batch_id, models.BATCH_FAILED, now, error)
+        event(conn, now, "batch-failed", c.worker_id, c.batch_id, message=error)
 
     ledger.transact(txn)
 
 
-def release_batch(ledger, batch_id: int, worker_id: str, reason: str) -> None:
-    """Give a batch back at once (SIGTERM, shutdown): its files are pending again, no attempt counted."""
+def release_batch(ledger, c: Claim, reason: str) -> None:
+    """Give a batch back at once (SIGTERM, shutdown, storage full): its files are pending again, no
+    attempt counted."""
 
     def txn(conn):
         now = _now(ledger)
-        _owned(conn, batch_id, worker_id)
-        return_files(conn, batch_id, _batch_file_ids(conn, batch_id), None, False, 0, now)
-        _finish_batch(conn, batch_id, models.RELEASED, now, reason)
-        _event(conn, now, "batch-released", worker_id, batch_id, message=reason)
+        _owned(conn, c)
+        ids = [row_id for row_id, _fid in _batch_files(conn, c.batch_id).values()]
+        return_files(conn, c.batch_id, ids, None, False, 0)
+        _finish_batch(conn, c.batch_id, models.RELEASED, now, reason)
+        event(conn, now, "batch-released", c.worker_id, c.batch_id, message=reason)
 
     ledger.transact(txn)
 
@@ -345,8 +454,7 @@ def retry_failed(ledger, rel_paths: list[str] | None) -> int:
             query.where(t.read_count.is_not(None)).values(state=PENDING, attempts=0, batch_id=None)
         ).rowcount
         n += conn.execute(query.where(t.read_count.is_(None)).values(state=models.WAITING, batch_id=None)).rowcount
-        _event(conn, _now(ledger), "retry", message=f"{n} failed files queued again")
+        event(conn, _now(ledger), "retry", message=f"{n} failed files queued again")
         return n
 
     return ledger.transact(txn)
-

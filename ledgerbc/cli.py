@@ -227,16 +227,19 @@ def run(ctx, ledger_path, worker_id, device, follow, idle_exit, max_batches, log
     import logging
 
     from .layout import WORKER_ID_OK
-    from .run import Worker, WorkerOptions
+    from .run import StopFlag, Worker, WorkerOptions
 
     if worker_id is not None and not WORKER_ID_OK.match(worker_id):
         raise errors.BadInput(f"--worker-id '{worker_id}' may only hold letters, digits and . _ @ : + -")
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    worker = Worker(
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    stop = StopFlag()
+    stop.install()
+    worker = Worker.open(
         open_ledger(ledger_path),
         WorkerOptions(worker_id=worker_id, device=device, follow=follow, idle_exit=idle_exit, max_batches=max_batches),
+        stop=stop,
     )
-    worker.install_signal_handlers()
     ctx.exit(worker.run())
 
 

@@ -35,12 +35,27 @@ TURN_POLL = 0.0005  # the same, for the one process that holds the turnstile (it
 TURN_WAIT = 5.0  # longest wait for the turnstile before polling the ledger lock directly
 TURN_BYPASS = 60.0  # after such a wait, how long this process polls without the turnstile
 IO_RETRIES = 4
+# How long a transaction may hold the ledger lock before its writes are no longer trusted. A network
+# filesystem revokes the lock of a client it has not heard from for its timeout (GlusterFS
+# `network.ping-timeout`, 42 s by default; the NFSv4 lease, 90 s): a process frozen (SIGSTOP, a stalled
+# node) past it may wake up believing it still holds the lock while another process has taken it. A
+# transaction that wrote and held the lock longer than this rolls back instead of committing, and a
+# publication renames nothing after it (`Ledger.check_lock_trusted`). Far above any real transaction
+# (milliseconds), well below the filesystems' timeouts; `doctor` compares them.
+LOCK_TRUST = float(os.environ.get("LEDGERBC_LOCK_TRUST", "15"))
+LOCK_TRUST_RETRIES = 3
 
 _CORRUPT_MARKERS = ("file is not a database", "malformed", "not a database", "file is encrypted")
 _BUSY_MARKERS = ("database is locked", "database is busy", "database table is locked")
 # "readonly database" is also SQLITE_READONLY_DBMOVED: the file was deleted or renamed under an open
 # transaction. Reopening tells a lost ledger (LedgerNotFound) from a really read-only one (still fails).
 _IO_MARKERS = ("disk i/o error", "unable to open database file", "stale file handle", "readonly database")
+_FULL_MARKERS = ("database or disk is full", "no space left", "disk quota exceeded")
+
+
+def _held_clock() -> float:
+    """Seconds on a clock that keeps counting while the process is stopped or the machine suspended."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _sqlite_connect(path: Path, create: bool):
@@ -201,6 +216,8 @@ def _flock_blocking(fd: int, until: float) -> bool:
 
 def _classify(exc: BaseException) -> str:
     text = str(exc).lower()
+    if any(m in text for m in _FULL_MARKERS):
+        return "full"
     if any(m in text for m in _CORRUPT_MARKERS):
         return "corrupt"
     if any(m in text for m in _BUSY_MARKERS):
@@ -227,6 +244,8 @@ class Ledger:
         self._turnstile = _Turnstile(Path(str(self.path) + ".turnstile"))
         self._engine = None
         self._schema_checked = False
+        self.lock_trust = LOCK_TRUST
+        self._locked_at: float | None = None
         # Janitor stall rule: `contact_since` is when this process's current run of uninterrupted ledger
         # access began; a gap longer than `stall_gap` between successful transactions restarts it.
         self.last_contact: float | None = None
@@ -257,10 +276,23 @@ class Ledger:
         finally:
             if turn:
                 self._turnstile.leave()
+        self._locked_at = _held_clock()
         try:
             yield
         finally:
+            self._locked_at = None
             self._lock.release()
+
+    def check_lock_trusted(self) -> None:
+        """Raise LockMaybeLost when the lock has been held longer than `lock_trust` (see LOCK_TRUST): the
+        filesystem may have revoked it meanwhile. Called before every rename of a publication and before
+        every COMMIT of a transaction that wrote."""
+        if self._locked_at is not None and _held_clock() - self._locked_at > self.lock_trust:
+            raise errors.LockMaybeLost(
+                f"held the ledger lock {self.lock_path} for {_held_clock() - self._locked_at:.0f}s (this process "
+                f"was frozen or the filesystem stalled): the filesystem may have given it to another process, "
+                "so nothing was committed or renamed."
+            )
 
     def _take_lock(self, deadline: float, poll: float) -> None:
         while True:
@@ -282,11 +314,14 @@ class Ledger:
                 ) from None
 
     # -- transactions ------------------------------------------------------------------------
-    def transact(self, fn, *args, **kwargs):
+    def transact(self, fn, *args, undo=None, **kwargs):
         """Run `fn(conn, *args, **kwargs)` in one short exclusive transaction and return its result.
 
-        `fn` may be called more than once (after `database is locked` or an I/O error), so any
-        side effect it has outside the database must be idempotent.
+        `fn` may be called more than once (after `database is locked`, an I/O error or a lock held too
+        long), so any side effect it has outside the database must be idempotent. `undo()`, when given, is
+        called under the same lock whenever `fn` ran but the transaction did not commit (an error in `fn`,
+        a failed COMMIT, a lock that may have been lost): it must take back `fn`'s side effects outside the
+        database (a publication's renames).
         """
         if not self.path.exists():
             raise errors.LedgerNotFound(
@@ -295,19 +330,30 @@ class Ledger:
             )
         if self.path.is_dir():
             raise errors.BadInput(f"the ledger path {self.path} is a folder. Give the ledger file's path.")
-        busy = io = 0
+        busy = io = lost = 0
         while True:
             try:
                 with self.locked():
-                    engine = self._get_engine()
-                    with engine.connect() as conn, conn.begin():
-                        if not self._schema_checked:
-                            self._check_schema(conn)
-                        result = fn(conn, *args, **kwargs)
+                    try:
+                        result = self._run(fn, args, kwargs)
+                    except BaseException:
+                        if undo is not None:
+                            undo()
+                        raise
                 self.note_contact()
                 return result
+            except errors.LockMaybeLost:
+                lost += 1
+                if lost > LOCK_TRUST_RETRIES:
+                    raise
+                continue  # a fresh lock: the next attempt is quick unless this process is frozen again
             except (sa.exc.OperationalError, sa.exc.DatabaseError, sqlite3.DatabaseError) as exc:
                 kind = _classify(exc)
+                if kind == "full":
+                    raise errors.StorageFull(
+                        f"the ledger {self.path} cannot be written: its filesystem is full ({_short(exc)}). "
+                        f"Free space in {self.path.parent}, then start the workers again."
+                    ) from None
                 if kind == "corrupt":
                     raise errors.LedgerCorrupt(
                         f"the ledger {self.path} is damaged or not a ledger ({_short(exc)}). "
@@ -331,6 +377,18 @@ class Ledger:
                 raise errors.LedgerError(
                     f"ledger {self.path}: {_short(exc)}. Run `ledgerbc doctor`."
                 ) from None
+
+    def _run(self, fn, args, kwargs):
+        """One attempt, the lock held: a fresh connection, BEGIN IMMEDIATE, fn, COMMIT (unless the lock
+        may have been lost meanwhile and fn wrote)."""
+        engine = self._get_engine()
+        with engine.connect() as conn, conn.begin():
+            if not self._schema_checked:
+                self._check_schema(conn)
+            result = fn(conn, *args, **kwargs)
+            if conn.connection.dbapi_connection.in_transaction and _wrote(conn):
+                self.check_lock_trusted()  # raising here rolls the transaction back
+        return result
 
     def note_contact(self) -> None:
         now = self.clock()
@@ -407,6 +465,11 @@ class Ledger:
         rows = self.transact(lambda c: c.execute(sa.select(models.Setting.key, models.Setting.value)).all())
         # Paths stored relative to the ledger's folder resolve through whichever mount this process uses.
         return Settings.from_dict({k: json.loads(v) for k, v in rows}).resolved(self.path.parent)
+
+
+def _wrote(conn) -> bool:
+    """Did this transaction change anything? (sqlite3's `total_changes`, per connection: it is fresh.)"""
+    return conn.connection.dbapi_connection.total_changes > 0
 
 
 def _short(exc) -> str:

@@ -1,7 +1,10 @@
 """fsync helpers: what makes a rename or a new file survive a crash of the node."""
 
+import errno
 import os
 from pathlib import Path
+
+PROBE_BYTES = 1 << 20
 
 
 def fsync_path(path: Path) -> None:
@@ -17,3 +20,32 @@ def fsync_dir(path: Path) -> None:
         fsync_path(path)
     except OSError:
         pass  # some filesystems refuse fsync on directories; the rename is still atomic
+
+
+def probe_space(folder: Path, nbytes: int = PROBE_BYTES) -> None:
+    """Raise StorageFull when `nbytes` cannot be written and synced in `folder` (or the nearest existing
+    parent): a failure that a full disk or quota caused is not the input files' fault (DESIGN §4)."""
+    from .errors import StorageFull
+
+    folder = Path(folder)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    probe = folder / f".ledgerbc-space-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * nbytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(
+                f"no space left on the filesystem of {folder} ({exc.strerror}). Free space (or raise the quota), "
+                "then start the workers again; nothing was failed."
+            ) from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass

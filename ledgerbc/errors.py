@@ -58,5 +58,18 @@ class IllegalTransition(LedgerError):
     exit_code = 9
 
 
+class LockMaybeLost(LedgerError):
+    """The ledger lock was held so long that the filesystem may have revoked it: nothing was committed."""
+
+    exit_code = 7
+
+
 class SlurmError(LedgerError):
     exit_code = 10
+
+
+class StorageFull(LedgerError):
+    """OUTPUT_DIR or the ledger's filesystem is full (ENOSPC) or over quota (EDQUOT): nothing failed,
+    the batch was given back (DESIGN §4 Storage full)."""
+
+    exit_code = 11

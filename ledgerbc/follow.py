@@ -1,6 +1,7 @@
 """Follow mode (`ledgerbc run --follow`, DESIGN §7): basecall a run while the sequencer still writes it.
 
-`Worker.run` calls `follow_step(worker, idle_since)` whenever it could not claim anything. A step:
+A worker started with `--follow` has a `Follower`; its loop calls `Follower.step(idle_since)` whenever it
+could not claim anything. A step:
 
 - scans INPUT_DIR, only in the worker holding the SCANNER role (`take_scanner_role`), at most once per
   `scan_interval` across all workers, with a `Scanner` kept on the worker, so known unchanged files are
@@ -249,10 +250,10 @@ class Follower:
         w = self.worker
         if time.monotonic() >= self.next_scan:
             self.next_scan = time.monotonic() + self.interval
-            if w._patiently(w.ledger.transact, take_scanner_role, w.ledger.clock(), w.worker_id,
+            if w.patiently(w.ledger.transact, take_scanner_role, w.ledger.clock(), w.worker_id,
                             self.role_ttl, self.interval):
                 self._scan()
-        self.state = state = w._patiently(w.ledger.transact, poll, w.ledger.clock(), w.worker_id)
+        self.state = state = w.patiently(w.ledger.transact, poll, w.ledger.clock(), w.worker_id)
         if state.n(PENDING):
             return False  # back to the loop, which claims it
         idle_for = time.monotonic() - idle_since
@@ -260,7 +261,7 @@ class Follower:
             idle_for = min(idle_for, w.ledger.clock() - state.last_activity)
         reason = state.end_reason(idle_for, w.opts.idle_exit)
         if reason is not None:
-            if (state.n(CLAIMED) or state.running) and w._watch():
+            if (state.n(CLAIMED) or state.running) and w.watch():
                 # Batches still run elsewhere: this worker is the one watchman that stays (it picks up
                 # reclaimed work); the others go.
                 return w.stop_requested
@@ -271,7 +272,7 @@ class Follower:
         # Short naps: the janitor in this worker trusts its view only while it reaches the ledger at
         # least once per heartbeat (the stall rule), and pending work is claimed at the next turn.
         nap = min(self.settings.heartbeat, self.next_scan - time.monotonic())
-        w._nap(max(0.5, min(nap, self.interval)))
+        w.nap(max(0.5, min(nap, self.interval)))
         if w.stop_requested:
             roles.drop_role_quietly(w.ledger, roles.SCANNER, w.worker_id)
             return True
@@ -291,7 +292,7 @@ class Follower:
                 self.recorded = in_ledger  # already told
         self.scanner.acquisition_over = self.summary is not None
         started = time.monotonic()
-        report = w._patiently(self.scanner.scan)
+        report = w.patiently(self.scanner.scan)
         took = time.monotonic() - started
         self.next_scan = time.monotonic() + scan_interval(self.settings.settle, took)
         if report.added or report.failed or report.duplicates:
@@ -302,30 +303,20 @@ class Follower:
                 log.warning("scan: %s", warning)
         if self.summary is None:
             return
-        waiting = w._patiently(
+        waiting = w.patiently(
             w.ledger.transact,
             lambda conn: list(conn.execute(sa.select(Pod5File.rel_path).where(Pod5File.state == WAITING)).scalars()),
         )
         root = Path(self.settings.input_dir)
         gone = [rel for rel in waiting if not (root / rel).exists()]
-        if gone and w._patiently(w.ledger.transact, fail_vanished, w.ledger.clock(), gone):
+        if gone and w.patiently(w.ledger.transact, fail_vanished, w.ledger.clock(), gone):
             log.warning("%d waiting files vanished after the run ended: failed (e.g. %s)", len(gone), gone[0])
         if self.summary != self.recorded:
             # Recorded after the scan that honoured it, so a worker reading it sees every file there was.
-            w._patiently(record_final_summary, w.ledger, self.summary)
+            w.patiently(record_final_summary, w.ledger, self.summary)
             self.recorded = self.summary
             log.info("final summary found (%s): %s pod5 files in the run", ", ".join(self.summary.paths),
                      self.summary.expected_files if self.summary.expected_files is not None else "unknown")
-
-
-def follow_step(worker, idle_since: float) -> bool:
-    """One turn of follow mode for a worker that found nothing to claim; True when it should exit.
-
-    `idle_since` is the monotonic time this worker last finished a batch (or started)."""
-    follower = getattr(worker, "follower", None)
-    if follower is None:
-        follower = worker.follower = Follower(worker)
-    return follower.step(idle_since)
 
 
 # -- status ---------------------------------------------------------------------------------------------------

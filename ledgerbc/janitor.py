@@ -23,6 +23,7 @@ from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File
 log = logging.getLogger("ledgerbc.janitor")
 
 CREW = 4  # janitor passes per heartbeat interval across all busy workers (Janitor.maybe_run)
+RECLAIMED = "reclaimed: "  # the last error of files taken back from a worker that went silent
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Janitor:
             expired = [
                 b.id for b in running
                 if force or (now - b.heartbeat_at > self.window
-                             and now - lease.last_beat(self.ledger.path, b.id, b.worker_id, b.heartbeat_at) > self.window)
+                             and now - lease.last_beat(self.ledger.path, b.id, lease.owner(b.worker_id, b.token), b.heartbeat_at) > self.window)
             ]
             for batch_id in expired:
                 reclaim(self.ledger, self.settings, batch_id, report, force=force)
@@ -105,7 +106,8 @@ class Janitor:
 
 
 def _running_batches(conn):
-    return conn.execute(sa.select(Batch.id, Batch.worker_id, Batch.heartbeat_at).where(Batch.state == RUNNING)).all()
+    return conn.execute(
+        sa.select(Batch.id, Batch.worker_id, Batch.heartbeat_at, Batch.token).where(Batch.state == RUNNING)).all()
 
 
 def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool = False, reason: str | None = None):
@@ -115,11 +117,12 @@ def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool 
 
     def txn(conn):
         now = ledger.clock()
-        row = conn.execute(sa.select(Batch.worker_id, Batch.heartbeat_at, Batch.state).where(Batch.id == batch_id)).first()
+        row = conn.execute(sa.select(Batch.worker_id, Batch.heartbeat_at, Batch.state, Batch.token)
+                           .where(Batch.id == batch_id)).first()
         # Re-check inside the transaction: the worker may have heartbeaten since we looked (ledger or lease file).
         if row is None or row.state != RUNNING:
             return None
-        beat = lease.last_beat(ledger.path, batch_id, row.worker_id, row.heartbeat_at)
+        beat = lease.last_beat(ledger.path, batch_id, lease.owner(row.worker_id, row.token), row.heartbeat_at)
         if not force and reason is None and now - beat <= window:
             return None
         files = conn.execute(
@@ -131,12 +134,12 @@ def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool 
             (published if layout.pass_path(f.rel_path, settings.emit).exists() else others).append(f)
         for f in published:
             _mark_done_from_disk(conn, layout, settings.emit, f.id, f.rel_path, now)
-        why = claim.RECLAIMED + (reason or f"lease expired: worker {row.worker_id} silent for {now - beat:.0f}s")
-        claim.return_files(conn, batch_id, [f.id for f in others], why, True, settings.max_attempts, now)
+        why = RECLAIMED + (reason or f"lease expired: worker {row.worker_id} silent for {now - beat:.0f}s")
+        claim.return_files(conn, batch_id, [f.id for f in others], why, True, settings.max_attempts, isolate=False)
         conn.execute(
             sa.update(Batch).where(Batch.id == batch_id).values(state=models.RECLAIMED, finished_at=now, error=why)
         )
-        claim._event(conn, now, "batch-reclaimed", row.worker_id, batch_id, why)
+        claim.event(conn, now, "batch-reclaimed", row.worker_id, batch_id, why)
         return len(others), len(published)
 
     outcome = ledger.transact(txn)
@@ -172,10 +175,8 @@ def reclaim_own_stale(ledger, settings, worker_id: str) -> list[int]:
 def cleanup(ledger, layout: Layout, report: JanitorReport) -> None:
     """Remove ASSIGNED folders and staging of batches that are over (never of a running one)."""
     on_disk = {batch_id: path for batch_id, _w, path in layout.assigned_dirs()}
-    if layout.staging_root.is_dir():
-        for entry in layout.staging_root.iterdir():
-            if entry.name.isdigit():
-                on_disk.setdefault(int(entry.name), None)
+    for batch_id, _path in layout.staging_dirs():
+        on_disk.setdefault(batch_id, None)
     if not on_disk:
         return
     states = dict(
@@ -184,7 +185,7 @@ def cleanup(ledger, layout: Layout, report: JanitorReport) -> None:
     for batch_id in on_disk:
         if states.get(batch_id) in (None, RUNNING):
             continue  # unknown to this ledger (a rebuild will adopt it) or still running
-        for path in (layout.assigned_dirs_for(batch_id) + [layout.staging(batch_id)]):
+        for path in layout.assigned_dirs_for(batch_id) + [p for b, p in layout.staging_dirs() if b == batch_id]:
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
                 report.cleaned.append(str(path.relative_to(layout.output)))
@@ -230,7 +231,7 @@ def reconcile(ledger, settings, report: JanitorReport) -> None:
         for r in found:
             _mark_done_from_disk(conn, layout, settings.emit, r.id, r.rel_path, now)
         if lost or found:
-            claim._event(conn, now, "reconcile", message=f"{len(lost)} lost outputs, {len(found)} found outputs")
+            claim.event(conn, now, "reconcile", message=f"{len(lost)} lost outputs, {len(found)} found outputs")
 
     ledger.transact(txn)
     report.reconciled_pending += [r.rel_path for r in lost]

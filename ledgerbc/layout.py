@@ -1,25 +1,40 @@
 """Where things live under OUTPUT_DIR (DESIGN §2). Pure path arithmetic, no I/O."""
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 LEDGER_NAME = "ledgerbc.db"
 EMITS = ("fastq", "fastq.gz", "bam")
+MANIFEST = ".batch.json"  # in an ASSIGNED folder: batch id, fencing nonce, worker, files (rel + identifier)
+# summary/<rel>.tsv: dorado's sequencing_summary column names (DESIGN §5)
+SUMMARY_COLUMNS = (
+    "filename", "read_id", "parent_read_id", "run_id", "channel", "mux", "start_time", "duration",
+    "passes_filtering", "sequence_length_template", "mean_qscore_template", "num_samples", "barcode_arrangement",
+)
 _ASSIGNED = re.compile(r"^ASSIGNED_(\d+)_(.+)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 WORKER_ID_OK = re.compile(r"^[A-Za-z0-9._@:+-]+$")
+
+
+def _stem(rel: str) -> str:
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or not path.name:
+        raise ValueError(f"not a relative path inside the input folder: {rel!r}")
+    return rel[: -len(".pod5")] if rel.endswith(".pod5") else rel
 
 
 def output_relpath(rel: str, emit: str) -> str:
     """`a/b/x.pod5` -> `a/b/x.fastq` (or `.fastq.gz`, `.bam`): the same name under pass/ and fail/."""
     if emit not in EMITS:
         raise ValueError(f"emit must be one of {', '.join(EMITS)}, not {emit!r}")
-    path = PurePosixPath(rel)
-    if path.is_absolute() or ".." in path.parts or not path.name:
-        raise ValueError(f"not a relative path inside the input folder: {rel!r}")
-    stem = rel[: -len(".pod5")] if rel.endswith(".pod5") else rel
-    return f"{stem}.{emit}"
+    return f"{_stem(rel)}.{emit}"
+
+
+def summary_relpath(rel: str) -> str:
+    """`a/b/x.pod5` -> `summary/a/b/x.tsv`, relative to OUTPUT_DIR."""
+    return f"summary/{_stem(rel)}.tsv"
 
 
 @dataclass(frozen=True)
@@ -50,23 +65,65 @@ class Layout:
     def logs(self) -> Path:
         return self.output / "logs"
 
+    @property
+    def summary_dir(self) -> Path:
+        return self.output / "summary"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.output / "final"
+
     def pass_path(self, rel: str, emit: str) -> Path:
         return self.pass_dir / output_relpath(rel, emit)
 
     def fail_path(self, rel: str, emit: str) -> Path:
         return self.fail_dir / output_relpath(rel, emit)
 
+    def summary_path(self, rel: str) -> Path:
+        return self.output / summary_relpath(rel)
+
+    def barcode_dirs(self) -> list[str]:
+        """Names of the <barcode> folders under pass/ and fail/ (a barcoded study's outputs)."""
+        names = set()
+        for top in (self.pass_dir, self.fail_dir):
+            try:
+                names |= {e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False)}
+            except OSError:
+                pass
+        return sorted(names)
+
+    def outputs_of(self, rel: str, emit: str, barcodes=None) -> list[Path]:
+        """Every output file of input `rel` that exists on disk: pass/ and fail/ (per barcode in
+        `barcodes`), and its summary. File I/O (stat): never under the ledger lock on a big study."""
+        out = output_relpath(rel, emit)
+        candidates = [self.pass_dir / out, self.fail_dir / out, self.summary_path(rel)]
+        for barcode in barcodes or ():
+            candidates += [self.pass_dir / barcode / out, self.fail_dir / barcode / out]
+        return [p for p in candidates if p.is_file()]
+
     def assigned(self, batch_id: int, worker_id: str) -> Path:
         return self.work / f"ASSIGNED_{batch_id}_{worker_id}"
 
-    def staging(self, batch_id: int) -> Path:
-        return self.staging_root / str(batch_id)
+    def staging(self, batch_id: int, token: str | None = None) -> Path:
+        """A batch's staging folder, `<batch>.<token>`: never shared, even by two batches given the same id
+        (a claim lost with the ledger, and one made after its rebuild)."""
+        return self.staging_root / (f"{batch_id}.{token}" if token else str(batch_id))
+
+    def staging_dirs(self):
+        """Yield (batch id, path) for every batch staging folder."""
+        if not self.staging_root.is_dir():
+            return
+        for entry in self.staging_root.iterdir():
+            head = entry.name.split(".", 1)[0]
+            if head.isdigit():
+                yield int(head), entry
 
     def log(self, batch_id: int) -> Path:
         return self.logs / f"{batch_id}.log"
 
     def assigned_dirs(self):
-        """Yield (batch id, worker id, path) for every ASSIGNED_ folder in the work tree."""
+        """Yield (batch id, worker id, path) for every ASSIGNED_ folder in the work tree (complete ones:
+        a folder still being made has a hidden temp name)."""
         if not self.work.is_dir():
             return
         for entry in self.work.iterdir():

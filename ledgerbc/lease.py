@@ -1,14 +1,14 @@
 """Heartbeats that do not take the global lock: one lease file per running batch (docs/leases.md).
 
 Every `heartbeat` seconds a worker rewrites `<ledger>.leases/<batch id>` (a temp file renamed over it) with its
-worker id and its clock. The ledger's own row (`batches.heartbeat_at`, a transaction under the global lock
+owner (worker id and the batch's fencing nonce) and its clock. The ledger's own row (`batches.heartbeat_at`, a transaction under the global lock
 that also tells a fenced worker it lost its batch) is refreshed only every `ledger_interval(settings)`,
 half a lease by default. A janitor judges a batch by the fresher of the two, so a batch expires exactly
 as before (lease + clock skew without any sign of life); the ledger lock is no longer taken 1,000 times a
 minute by 1,000 workers (bench/heartbeat_load.py).
 
-A lease file only ever delays a reclaim, never causes one, and correctness never depends on it: the batch
-id still fences a zombie at publication. A lease file naming another worker, or unreadable, is ignored.
+A lease file only ever delays a reclaim, never causes one, and correctness never depends on it: the batch's
+fencing token still fences a zombie at publication. A lease file naming another owner, or unreadable, is ignored.
 """
 
 import logging
@@ -36,27 +36,33 @@ def ledger_interval(settings) -> float:
     return max(settings.heartbeat, settings.lease / 2)
 
 
-def write(ledger_path, batch_id: int, worker_id: str, now: float) -> None:
+def owner(worker_id: str, token: str | None) -> str:
+    """Who holds a batch, as a lease file says it: the worker and the batch's fencing nonce."""
+    return f"{worker_id} {token}" if token else worker_id
+
+
+def write(ledger_path, batch_id: int, holder: str, now: float) -> None:
     """Renew the lease file of `batch_id` (atomic: readers see the old or the new content). Raises OSError."""
     final = lease_path(ledger_path, batch_id)
     final.parent.mkdir(exist_ok=True)
     tmp = final.with_name(f".{final.name}.{os.getpid()}")
-    tmp.write_text(f"{worker_id}\n{now!r}\n")
+    tmp.write_text(f"{holder}\n{now!r}\n")
     os.replace(tmp, final)
 
 
-def read(ledger_path, batch_id: int, worker_id: str) -> float | None:
-    """The time `worker_id` last renewed the lease of `batch_id`, or None (no file, another worker, garbage)."""
+def read(ledger_path, batch_id: int, holder: str) -> float | None:
+    """The time `holder` (see `owner`) last renewed the lease of `batch_id`, or None (no file, another
+    holder, garbage)."""
     try:
-        owner, at = lease_path(ledger_path, batch_id).read_text().split("\n")[:2]
-        return float(at) if owner == worker_id else None
+        found, at = lease_path(ledger_path, batch_id).read_text().split("\n")[:2]
+        return float(at) if found == holder else None
     except (OSError, ValueError):
         return None
 
 
-def last_beat(ledger_path, batch_id: int, worker_id: str, ledger_beat: float) -> float:
+def last_beat(ledger_path, batch_id: int, holder: str, ledger_beat: float) -> float:
     """The fresher of the ledger's heartbeat and the lease file's."""
-    beat = read(ledger_path, batch_id, worker_id)
+    beat = read(ledger_path, batch_id, holder)
     return ledger_beat if beat is None else max(ledger_beat, beat)
 
 
@@ -94,10 +100,11 @@ class Heartbeat:
     LedgerError when the ledger beat failed (the caller logs it and carries on: the lease file still beats).
     """
 
-    def __init__(self, ledger, settings, batch_id: int, worker_id: str):
+    def __init__(self, ledger, settings, batch):
         self.ledger = ledger
-        self.batch_id = batch_id
-        self.worker_id = worker_id
+        self.batch = batch  # claim.Claim
+        self.batch_id = batch.batch_id
+        self.holder = owner(batch.worker_id, batch.token)
         self.every = ledger_interval(settings)
         self.last_ledger = time.monotonic()  # the claim wrote the first heartbeat into the ledger
 
@@ -118,7 +125,7 @@ class Heartbeat:
 
     def _lease_beat(self) -> bool:
         try:
-            write(self.ledger.path, self.batch_id, self.worker_id, self.ledger.clock())
+            write(self.ledger.path, self.batch_id, self.holder, self.ledger.clock())
         except OSError as exc:
             log.warning("lease file of batch %s: %s; heartbeating through the ledger", self.batch_id, exc)
             return False
@@ -126,5 +133,5 @@ class Heartbeat:
         return True
 
     def _ledger_beat(self) -> None:
-        claim.heartbeat(self.ledger, self.batch_id, self.worker_id)
+        claim.heartbeat(self.ledger, self.batch)
         self.last_ledger = time.monotonic()

@@ -12,6 +12,7 @@ ASSIGNED folders and published outputs, and the swap, run under the global lock,
 interleave. The old ledger file, if any, is kept beside it as `<name>.replaced-<time>`.
 """
 
+import json
 import os
 import shutil
 import sqlite3
@@ -24,7 +25,7 @@ from . import claim, db, models, split
 from .durable import fsync_dir
 from .create import check_input_dir, check_output_dir
 from .errors import BadInput
-from .layout import Layout
+from .layout import MANIFEST, Layout
 from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File
 from .scan import Scanner
 from .settings import Settings
@@ -79,15 +80,22 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time):
     return ledger_path, lines
 
 
+def read_manifest(folder: Path) -> dict:
+    """The manifest a worker wrote into its ASSIGNED folder (batch id, fencing nonce, files); {} if none."""
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def _count(layout, emit, rel):
     return split.count_published(layout.pass_path(rel, emit), layout.fail_path(rel, emit))
 
 
 def _max_batch_id(layout: Layout, ledger_path: Path) -> int:
-    ids = [b for b, _w, _p in layout.assigned_dirs()]
-    for folder in (layout.staging_root, layout.logs):
-        if folder.is_dir():
-            ids += [int(p.name.split(".")[0]) for p in folder.iterdir() if p.name.split(".")[0].isdigit()]
+    ids = [b for b, _w, _p in layout.assigned_dirs()] + [b for b, _p in layout.staging_dirs()]
+    if layout.logs.is_dir():
+        ids += [int(p.name.split(".")[0]) for p in layout.logs.iterdir() if p.name.split(".")[0].isdigit()]
     try:  # the old ledger, when it can still be read, knows the highest id handed out
         conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=5)
         try:
@@ -140,13 +148,17 @@ def _adopt(conn, layout, settings, input_dir, counts, max_id, now):
         if not members:
             # Everything in it is published (its worker died before removing it): nobody will need it.
             shutil.rmtree(folder, ignore_errors=True)
-            shutil.rmtree(layout.staging(batch_id), ignore_errors=True)
+            for b, staged in layout.staging_dirs():
+                if b == batch_id:
+                    shutil.rmtree(staged, ignore_errors=True)
             lines.append(f"ASSIGNED_{batch_id}_{worker_id}: nothing left to do in it, removed")
             continue
+        manifest = read_manifest(folder)
         conn.execute(
             sa.insert(Batch).values(
                 id=batch_id, worker_id=worker_id, state=RUNNING, claimed_at=now, heartbeat_at=now,
                 n_files=len(members), n_bytes=sum(m.size for m in members),
+                token=manifest.get("token"), chemistry=manifest.get("chemistry"),
             )
         )
         conn.execute(
@@ -157,11 +169,10 @@ def _adopt(conn, layout, settings, input_dir, counts, max_id, now):
         lines.append(f"batch {batch_id} of {worker_id}: {len(members)} files assigned, running again")
     # Staging without an ASSIGNED folder: its worker published (or died after) and removed the folder.
     adopted = {b for b, _w, _p in layout.assigned_dirs()}
-    if layout.staging_root.is_dir():
-        for entry in layout.staging_root.iterdir():
-            if entry.name.isdigit() and int(entry.name) not in adopted:
-                shutil.rmtree(entry, ignore_errors=True)
-                lines.append(f"staging of batch {entry.name}: no ASSIGNED folder, removed")
+    for batch_id, staged in layout.staging_dirs():
+        if batch_id not in adopted:
+            shutil.rmtree(staged, ignore_errors=True)
+            lines.append(f"staging of batch {staged.name}: no ASSIGNED folder, removed")
     next_id = max_id + ID_MARGIN
     conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name='batches'")
     conn.exec_driver_sql("INSERT INTO sqlite_sequence(name, seq) VALUES ('batches', ?)", (next_id,))

@@ -32,6 +32,10 @@ class Settings:
     batch_timeout: float | None = None  # None: derived from batch size, see run.py
     settle: float = 60  # follow mode: a file must be unchanged this long before it is admitted
     simulated: bool = False  # the demo's stand-in basecaller: outputs are not real basecalls
+    kit_name: str | None = None  # barcoding kit: dorado classifies while it basecalls; outputs per barcode
+    sample_sheet: str | None = None  # the copy of the sample sheet init keeps in OUTPUT_DIR (aliases)
+    dorado_version: str | None = None  # the study's dorado (`dorado --version`); workers with another refuse
+    allow_dorado_upgrade: bool = False  # let workers with another dorado version join (status shows both)
 
     def validate(self) -> list[str]:
         """Raise BadInput on impossible values; return warnings for unwise ones."""

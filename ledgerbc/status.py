@@ -58,6 +58,7 @@ def collect(conn, now: float, settings) -> dict:
         {
             "batch_id": b.id, "worker_id": b.worker_id, "files": b.n_files, "bytes": b.n_bytes,
             "heartbeat_age_s": round(now - b.heartbeat_at, 1), "running_s": round(now - b.claimed_at, 1),
+            "_lease_holder": lease.owner(b.worker_id, b.token),
         }
         for b in conn.execute(sa.select(Batch).where(Batch.state == models.RUNNING).order_by(Batch.id)).all()
     ]
@@ -111,7 +112,7 @@ def report(ledger) -> dict:
     # read after the transaction so the lock is not held for file reads.
     freshest = {}
     for b in data["running_batches"]:
-        beat = lease.read(ledger.path, b["batch_id"], b["worker_id"])
+        beat = lease.read(ledger.path, b["batch_id"], b.pop("_lease_holder"))
         if beat is not None:
             b["heartbeat_age_s"] = min(b["heartbeat_age_s"], round(now - beat, 1))
             freshest[b["worker_id"]] = min(freshest.get(b["worker_id"], b["heartbeat_age_s"]), b["heartbeat_age_s"])

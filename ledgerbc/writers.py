@@ -22,8 +22,10 @@ import pysam
 try:  # ISA-L's deflate: at level 1 ~4x zlib's speed on basecalled reads, for output no larger
     from isal import igzip as _gzip
     from isal import isal_zlib as _deflate
+    from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover - a dependency; without it: stdlib gzip, htslib's BGZF (2-3x slower)
     _gzip = _deflate = None
+    from zlib import crc32 as _crc32
 
 
 # gzip/BGZF level of fastq.gz and bam outputs. Level 1, not 6: on basecalled reads it is ~5x (gzip) and
@@ -101,6 +103,40 @@ class Background:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _Tallied:
+    """A file opened for writing that keeps the CRC-32 and the size of every byte written through it: the
+    checksum `outputs` records at publication (`verify` recomputes it), at no extra read of the file."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.crc = 0
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.crc = _crc32(data, self.crc)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def file_checksum(path) -> tuple[int, str]:
+    """(size, "crc32:<8 hex>") of a file, read in 1 MiB chunks: what `verify` compares with the ledger."""
+    crc, size = 0, 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            crc = _crc32(chunk, crc)
+            size += len(chunk)
+    return size, f"crc32:{crc:08x}"
+
+
 class OutputWriter:
     """One output file written to a hidden temp name beside its final path, renamed by `publish`.
 
@@ -117,6 +153,7 @@ class OutputWriter:
         self.final = final
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.background = background
+        self.size, self.checksum = 0, None  # of the finished file, once closed
         self.bam = self.raw = self.stream = self.scratch = None
         self.chunk: list[bytes] = []
         self.unflushed = 0  # bytes given to `write` since the last chunk was handed over
@@ -124,7 +161,7 @@ class OutputWriter:
             self.bam = pysam.AlignmentFile(str(self.tmp), "wb", template=template,
                                            format_options=[f"level={COMPRESS_LEVEL}".encode()])
             return
-        self.raw = open(self.tmp, "wb")
+        self.raw = _Tallied(self.tmp)
         self.stream = self.raw
         if emit == "bam":
             self.scratch, self.drained, self.pending = _scratch_fd(), 0, bytearray()
@@ -192,6 +229,7 @@ class OutputWriter:
             self.bam.close()
             with open(self.tmp, "rb") as done:
                 os.fsync(done.fileno())
+            self.size, self.checksum = file_checksum(self.tmp)
             return
         if self.scratch is not None:
             try:
@@ -209,6 +247,7 @@ class OutputWriter:
         self.raw.flush()
         os.fsync(self.raw.fileno())
         self.raw.close()
+        self.size, self.checksum = self.raw.size, f"crc32:{self.raw.crc:08x}"
 
     def publish(self) -> Path:
         os.replace(self.tmp, self.final)
