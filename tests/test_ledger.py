@@ -18,7 +18,7 @@ from ledgerbc.claim import FileResult, choose_batch
 from ledgerbc.errors import LockTimeout, NotOwner
 from ledgerbc.models import Batch, Pod5File, Worker
 
-Row = namedtuple("Row", "id size attempts")
+Row = namedtuple("Row", "id size attempts isolate chemistry", defaults=(0, False, None))
 
 
 def files(ledger) -> dict[int, Pod5File]:
@@ -34,7 +34,24 @@ def ids_of(c: claim.Claim) -> list[int]:
 
 
 def ok_results(c: claim.Claim) -> list[FileResult]:
-    return [FileResult(f.id, ok=True, reads_pass=2, reads_fail=1, bases=300) for f in c.files]
+    return [FileResult(f.rel, ok=True, reads_pass=2, reads_fail=1, bases=300) for f in c.files]
+
+
+class Recorder:
+    """An installer that only counts its runs (the renames are tested in test_publish.py)."""
+
+    def __init__(self):
+        self.runs, self.undos = [], []
+
+    def run(self):
+        self.runs.append(1)
+
+    def undo(self):
+        self.undos.append(1)
+
+
+def rel_of(ledger, file_id: int) -> str:
+    return files(ledger)[file_id].rel_path
 
 
 # -- claim ---------------------------------------------------------------------------------------------
@@ -118,9 +135,9 @@ def test_claim_batch_shrinks_with_the_number_of_live_workers(make_ledger, clock)
 def test_a_retried_file_is_claimed_alone(make_ledger):
     ledger, settings = make_ledger(12, batch_files=4)
     c = claim.claim_batch(ledger, "w", settings)
-    claim.fail_batch(ledger, c.batch_id, "w", "dorado exited 1", settings.max_attempts)
+    claim.fail_batch(ledger, c, "dorado exited 1", settings.max_attempts)
     rows = files(ledger)
-    assert all(rows[i].state == models.PENDING and rows[i].attempts == 1 for i in ids_of(c))
+    assert all(rows[i].state == models.PENDING and rows[i].attempts == 1 and rows[i].isolate for i in ids_of(c))
     again = [ids_of(claim.claim_batch(ledger, "w", settings)) for _ in range(5)]
     assert again == [[1], [2], [3], [4], [5, 6, 7, 8]]
 
@@ -130,9 +147,9 @@ def test_a_batch_stops_before_a_retried_file(make_ledger):
     a = claim.claim_batch(ledger, "w", settings)  # 1-4
     b = claim.claim_batch(ledger, "w", settings)  # 5-8
     results = ok_results(b)
-    results[1] = FileResult(6, ok=False, error="no reads out")
-    claim.publish(ledger, b.batch_id, "w", results, lambda: None, settings.max_attempts)
-    claim.release_batch(ledger, a.batch_id, "w", "SIGTERM")  # 1-4 pending again, no attempt counted
+    results[1] = FileResult(rel_of(ledger, 6), ok=False, error="no reads out")
+    claim.publish(ledger, b, results, None, settings.max_attempts)
+    claim.release_batch(ledger, a, "SIGTERM")  # 1-4 pending again, no attempt counted
     settings.batch_files = 8
     assert ids_of(claim.claim_batch(ledger, "w", settings)) == [1, 2, 3, 4]
     assert ids_of(claim.claim_batch(ledger, "w", settings)) == [6]
@@ -144,10 +161,10 @@ def test_publish_records_every_file_and_installs_once(make_ledger, clock):
     ledger, settings = make_ledger(6, batch_files=3, clock=clock)
     claim.register_worker(ledger, "w", "host", 1, "cuda:0")
     c = claim.claim_batch(ledger, "w", settings)
-    installs = []
+    installs = Recorder()
     clock.advance(30)
-    claim.publish(ledger, c.batch_id, "w", ok_results(c), lambda: installs.append(1), settings.max_attempts)
-    assert installs == [1]
+    claim.publish(ledger, c, ok_results(c), installs, settings.max_attempts)
+    assert installs.runs == [1] and installs.undos == []
     rows = files(ledger)
     for i in ids_of(c):
         r = rows[i]
@@ -159,35 +176,37 @@ def test_publish_records_every_file_and_installs_once(make_ledger, clock):
 
 
 # -- fencing ---------------------------------------------------------------------------------------------
-def assert_fenced(ledger, settings, batch_id, worker_id):
-    installs = []
+def assert_fenced(ledger, settings, c: claim.Claim):
+    installs = Recorder()
     with pytest.raises(NotOwner):
-        claim.heartbeat(ledger, batch_id, worker_id)
+        claim.heartbeat(ledger, c)
     with pytest.raises(NotOwner):
-        claim.publish(ledger, batch_id, worker_id, [], lambda: installs.append(1), settings.max_attempts)
+        claim.publish(ledger, c, ok_results(c), installs, settings.max_attempts)
     with pytest.raises(NotOwner):
-        claim.fail_batch(ledger, batch_id, worker_id, "late failure", settings.max_attempts)
+        claim.fail_batch(ledger, c, "late failure", settings.max_attempts)
     with pytest.raises(NotOwner):
-        claim.release_batch(ledger, batch_id, worker_id, "late release")
-    assert installs == [], "a fenced worker's outputs were installed"
+        claim.release_batch(ledger, c, "late release")
+    assert installs.runs == [], "a fenced worker's outputs were installed"
 
 
 def test_a_released_batch_is_no_longer_owned(make_ledger):
     ledger, settings = make_ledger(4, batch_files=4)
     c = claim.claim_batch(ledger, "w", settings)
-    claim.release_batch(ledger, c.batch_id, "w", "SIGTERM")
+    claim.release_batch(ledger, c, "SIGTERM")
     before = files(ledger)
     assert all(r.state == models.PENDING and r.attempts == 0 and r.batch_id is None for r in before.values())
     assert batches(ledger)[c.batch_id].state == models.RELEASED
-    assert_fenced(ledger, settings, c.batch_id, "w")
+    assert_fenced(ledger, settings, c)
     assert files(ledger) == before  # the refused calls changed nothing
 
 
 def test_another_worker_cannot_touch_a_batch(make_ledger):
     ledger, settings = make_ledger(8, batch_files=4)
     c = claim.claim_batch(ledger, "w1", settings)
-    assert_fenced(ledger, settings, c.batch_id, "w2")
-    assert_fenced(ledger, settings, 999, "w1")  # a batch that never existed
+    assert_fenced(ledger, settings, claim.Claim(c.batch_id, c.token, "w2", c.files))
+    assert_fenced(ledger, settings, claim.Claim(999, c.token, "w1", c.files))  # a batch that never existed
+    # The same id and worker with another fencing nonce: a claim lost with the ledger, its id handed out again.
+    assert_fenced(ledger, settings, claim.Claim(c.batch_id, "0123456789abcdef", "w1", c.files))
     assert batches(ledger)[c.batch_id].state == models.RUNNING
     rows = files(ledger)
     assert ids_of(c) == [1, 2, 3, 4] and all(rows[i].state == models.CLAIMED for i in ids_of(c))
@@ -204,12 +223,12 @@ def test_a_reclaimed_batch_fences_its_old_worker(make_ledger):
     assert all((rows[i].state, rows[i].attempts, rows[i].last_error) == (models.PENDING, 1, "reclaimed: node lost (test)")
                for i in ids_of(old))
     assert batches(ledger)[old.batch_id].state == models.RECLAIMED
-    assert_fenced(ledger, settings, old.batch_id, "w1")
+    assert_fenced(ledger, settings, old)
 
     new = claim.claim_batch(ledger, "w2", settings)  # the work moves on (reclaimed files batch normally)
     assert new.batch_id > old.batch_id and ids_of(new) == [1, 2, 3]
-    assert_fenced(ledger, settings, old.batch_id, "w1")  # the zombie still cannot publish over it
-    claim.publish(ledger, new.batch_id, "w2", ok_results(new), lambda: None, settings.max_attempts)
+    assert_fenced(ledger, settings, old)  # the zombie still cannot publish over it
+    claim.publish(ledger, new, ok_results(new), None, settings.max_attempts)
     assert files(ledger)[1].state == models.DONE
 
 
@@ -222,7 +241,7 @@ def test_lease_expiry_follows_the_injected_clock(make_ledger, clock):
 
     clock.advance(window - 1)
     assert jan.run_pass(one_shot=True).reclaimed == []
-    claim.heartbeat(ledger, c.batch_id, "w")  # the lease is renewed from now
+    claim.heartbeat(ledger, c)  # the lease is renewed from now
     assert batches(ledger)[c.batch_id].heartbeat_at == clock.now
     clock.advance(window - 1)
     assert jan.run_pass(one_shot=True).reclaimed == []
@@ -231,17 +250,17 @@ def test_lease_expiry_follows_the_injected_clock(make_ledger, clock):
     rows = files(ledger)
     assert all(rows[i].state == models.PENDING and "lease expired" in rows[i].last_error for i in ids_of(c))
     with pytest.raises(NotOwner):
-        claim.heartbeat(ledger, c.batch_id, "w")
+        claim.heartbeat(ledger, c)
 
 
 # -- attempts ---------------------------------------------------------------------------------------------
 def test_past_max_attempts_a_file_fails_with_its_last_error(make_ledger):
     ledger, settings = make_ledger(1, max_attempts=2)
     c = claim.claim_batch(ledger, "w", settings)
-    claim.fail_batch(ledger, c.batch_id, "w", "dorado exited 1", settings.max_attempts)
+    claim.fail_batch(ledger, c, "dorado exited 1", settings.max_attempts)
     assert (files(ledger)[1].state, files(ledger)[1].attempts) == (models.PENDING, 1)
     c = claim.claim_batch(ledger, "w", settings)
-    claim.publish(ledger, c.batch_id, "w", [FileResult(1, ok=False, error="3 reads in, none out")], lambda: None,
+    claim.publish(ledger, c, [FileResult(c.files[0].rel, ok=False, error="3 reads in, none out")], None,
                   settings.max_attempts)
     row = files(ledger)[1]
     assert (row.state, row.attempts, row.last_error) == (models.FAILED, 2, "3 reads in, none out")
@@ -265,7 +284,7 @@ def test_batch_ids_are_never_reused(make_ledger):
     ledger, settings = make_ledger(4)
     a = claim.claim_batch(ledger, "w", settings)
     b = claim.claim_batch(ledger, "w", settings)
-    claim.release_batch(ledger, b.batch_id, "w", "test")
+    claim.release_batch(ledger, b, "test")
     ledger.transact(lambda conn: conn.execute(sa.delete(Batch).where(Batch.id == b.batch_id)))
     assert max(batches(ledger)) == a.batch_id  # the highest id is gone from the table...
     c = claim.claim_batch(ledger, "w", settings)
