@@ -81,19 +81,18 @@ def build(path: Path, workers: int) -> list[tuple[int, str]]:
     for i in range(workers):
         w = f"{1000 + i // 100}_{i}@gpu{i % 50:03d}"
         claim.register_worker(ledger, w, f"gpu{i % 50:03d}", 4000 + i, "cuda:0")
-        owned.append((claim.claim_batch(ledger, w, settings).batch_id, w))
+        owned.append(claim.claim_batch(ledger, w, settings))
     return owned
 
 
 def serial(path: str, owned, n: int) -> dict:
     ledger = TimedLedger(path)
-    claim.heartbeat(ledger, *owned[0])  # first transaction also checks the schema: not counted
+    claim.heartbeat(ledger, owned[0])  # first transaction also checks the schema: not counted
     ledger.holds.clear()
     calls = []
     for i in range(n):
-        batch_id, worker = owned[i % len(owned)]
         t0 = time.perf_counter()
-        claim.heartbeat(ledger, batch_id, worker)
+        claim.heartbeat(ledger, owned[i % len(owned)])
         calls.append(time.perf_counter() - t0)
     return {"holds": [h for _w, h in ledger.holds], "calls": calls}
 
@@ -103,15 +102,15 @@ def loaded_worker(path: str, owned, settings, seconds: float, seed: int, all_led
     `settings.heartbeat` seconds from a random phase, for `seconds`."""
     rng = random.Random(seed)
     ledger = TimedLedger(path)
-    claim.heartbeat(ledger, *owned[0])  # first transaction also checks the schema: not counted
+    claim.heartbeat(ledger, owned[0])  # first transaction also checks the schema: not counted
     ledger.holds.clear()
     interval = settings.heartbeat
     k = max(1, math.ceil(lease.ledger_interval(settings) / interval))  # beats per ledger beat
     start = time.monotonic()
     schedule = []  # (due, worker index)
     beats = []
-    for i, (batch_id, worker) in enumerate(owned):
-        hb = lease.Heartbeat(ledger, settings, batch_id, worker)
+    for i, c in enumerate(owned):
+        hb = lease.Heartbeat(ledger, settings, c)
         due = start + rng.uniform(0, interval)
         # Its last ledger beat was 1..k beats before its first beat here (steady state: 1 beat in k).
         hb.last_ledger = due - interval * rng.randint(1, k) + 1e-3
@@ -202,9 +201,9 @@ def lease_beats(path: str, owned, settings, n: int) -> list[float]:
     ledger = Ledger(path)
     times = []
     for i in range(n):
-        batch_id, worker = owned[i % len(owned)]
+        c = owned[i % len(owned)]
         t0 = time.perf_counter()
-        lease.write(ledger.path, batch_id, worker, ledger.clock())
+        lease.write(ledger.path, c.batch_id, lease.owner(c.worker_id, c.token), ledger.clock())
         times.append(time.perf_counter() - t0)
     lease.remove_stale(ledger.path, set())
     return times

@@ -134,13 +134,13 @@ class Simulation:
             t, _seq, kind, worker, c, end = heapq.heappop(self.queue)
             self.now = t
             if kind == "beat":
-                claim.heartbeat(self.ledger, c.batch_id, worker)
+                claim.heartbeat(self.ledger, c)
                 self.transactions += 1
                 if t + self.settings.heartbeat < end:
                     self.push(t + self.settings.heartbeat, "beat", worker, c, end)
                 continue
-            results = [claim.FileResult(f.id, True, reads_pass=1) for f in c.files]
-            claim.publish(self.ledger, c.batch_id, worker, results, lambda: None, self.settings.max_attempts)
+            results = [claim.FileResult(f.rel, True, reads_pass=1) for f in c.files]
+            claim.publish(self.ledger, c, results, None, self.settings.max_attempts)
             self.transactions += 1
             makespan = max(makespan, t)
             self.start_batch(worker)

@@ -173,14 +173,14 @@ def main(argv=None) -> int:
         beats = []
         for c in claims:
             t0 = time.perf_counter()
-            claim.heartbeat(ledger, c.batch_id, c.worker_id)
+            claim.heartbeat(ledger, c)
             beats.append(time.perf_counter() - t0)
         print(f"heartbeat: p50 {pct(beats, 50) * 1e3:.1f} ms, p99 {pct(beats, 99) * 1e3:.1f} ms")
         pubs = []
         for c in claims[:50]:
-            results = [claim.FileResult(f.id, True, reads_pass=1) for f in c.files]
+            results = [claim.FileResult(f.rel, True, reads_pass=1) for f in c.files]
             t0 = time.perf_counter()
-            claim.publish(ledger, c.batch_id, c.worker_id, results, lambda: None, settings.max_attempts)
+            claim.publish(ledger, c, results, None, settings.max_attempts)
             pubs.append(time.perf_counter() - t0)
         print(f"publish ({int(np.median(n_files))} files): p50 {pct(pubs, 50) * 1e3:.1f} ms, "
               f"p99 {pct(pubs, 99) * 1e3:.1f} ms over {len(pubs)}")

@@ -134,6 +134,12 @@ def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool 
             (published if layout.pass_path(f.rel_path, settings.emit).exists() else others).append(f)
         for f in published:
             _mark_done_from_disk(conn, layout, settings.emit, f.id, f.rel_path, now)
+        # Outputs its owner renamed before it died (a publication cut short) of files that are not done: gone
+        # with the batch, under the lock, before anyone can claim and publish the file again.
+        barcodes = layout.barcode_dirs() if others else ()
+        for f in others:
+            for partial in layout.outputs_of(f.rel_path, settings.emit, barcodes):
+                partial.unlink(missing_ok=True)
         why = RECLAIMED + (reason or f"lease expired: worker {row.worker_id} silent for {now - beat:.0f}s")
         claim.return_files(conn, batch_id, [f.id for f in others], why, True, settings.max_attempts, isolate=False)
         conn.execute(

@@ -98,18 +98,20 @@ def test_publish_refused_after_reclaim_even_when_dorado_finished(study: Study, m
     installs = []
     real_publish = claim.publish
 
-    def publish_after_a_reclaim(ledger_, batch_id, worker_id, results, install, max_attempts, claim_next=None):
-        _reclaim(study, batch_id)
-        installs.append(batch_id)
+    def publish_after_a_reclaim(ledger_, c, results, installer, *args):
+        _reclaim(study, c.batch_id)
+        installs.append(c.batch_id)
+        real_run = installer.run
 
-        def tracked_install():
-            installs.append(("installed", batch_id))
-            install()
+        def tracked_run():
+            installs.append(("installed", c.batch_id))
+            real_run()
 
-        return real_publish(ledger_, batch_id, worker_id, results, tracked_install, max_attempts, claim_next)
+        installer.run = tracked_run
+        return real_publish(ledger_, c, results, installer, *args)
 
     monkeypatch.setattr(claim, "publish", publish_after_a_reclaim)
-    w = Worker(ledger, WorkerOptions(worker_id="late", max_batches=1), env=study.env())
+    w = Worker.open(ledger, WorkerOptions(worker_id="late", max_batches=1), env=study.env())
     assert w.run() == 0
 
     (batch_id,) = installs
@@ -129,20 +131,28 @@ def test_heartbeat_and_publish_of_a_reclaimed_batch_raise_not_owner(study: Study
     settings = ledger.read_settings()
     claim.register_worker(ledger, "w", "host", os.getpid(), None)
     got = claim.claim_batch(ledger, "w", settings)
-    claim.heartbeat(ledger, got.batch_id, "w")
+    claim.heartbeat(ledger, got)
     _reclaim(study, got.batch_id)
 
     with pytest.raises(NotOwner):
-        claim.heartbeat(ledger, got.batch_id, "w")
+        claim.heartbeat(ledger, got)
     called = []
-    results = [claim.FileResult(f.id, True, reads_pass=1) for f in got.files]
+
+    class Tracked:
+        def run(self):
+            called.append(1)
+
+        def undo(self):
+            pass
+
+    results = [claim.FileResult(f.rel, True, reads_pass=1) for f in got.files]
     with pytest.raises(NotOwner):
-        claim.publish(ledger, got.batch_id, "w", results, lambda: called.append(1), settings.max_attempts)
+        claim.publish(ledger, got, results, Tracked(), settings.max_attempts)
     assert called == []
     with pytest.raises(NotOwner):
-        claim.fail_batch(ledger, got.batch_id, "w", "late failure", settings.max_attempts)
+        claim.fail_batch(ledger, got, "late failure", settings.max_attempts)
     with pytest.raises(NotOwner):
-        claim.release_batch(ledger, got.batch_id, "w", "late release")
+        claim.release_batch(ledger, got, "late release")
     rows = files_by_rel(ledger)
     assert {(rows[f.rel].state, rows[f.rel].attempts, rows[f.rel].last_error) for f in got.files} == {
         (models.PENDING, 1, "reclaimed: test")}
@@ -160,7 +170,7 @@ def test_worker_claims_its_next_batch_in_the_publishing_transaction(study: Study
     own_claims = []
     real_claim = claim.claim_batch
     monkeypatch.setattr(claim, "claim_batch", lambda *a: own_claims.append(1) or real_claim(*a))
-    w = Worker(ledger, WorkerOptions(worker_id="solo"), env=study.env())
+    w = Worker.open(ledger, WorkerOptions(worker_id="solo"), env=study.env())
     assert w.run() == 0
     done = [b for b in _batches(ledger) if b.state == models.BATCH_DONE]
     assert len(done) >= 3 and all(b.worker_id == "solo" for b in done)
@@ -173,14 +183,14 @@ def test_a_batch_claimed_with_the_last_publication_is_released_when_the_worker_s
     make_dataset(study.input, 6, seed=6, hostile_names=False)
     study.init("--batch-files", 2, "--dorado", study.bin / "dorado")
     ledger = study.ledger
-    w = Worker(ledger, WorkerOptions(worker_id="stopping"), env=study.env())
+    w = Worker.open(ledger, WorkerOptions(worker_id="stopping"), env=study.env())
     real_publish = claim.publish
     handed = []
 
     def publish_then_signal(*args, **kwargs):
         nxt = real_publish(*args, **kwargs)
         handed.append(nxt)
-        w.stop_requested = True  # SIGTERM right after the transaction that also claimed the next batch
+        w.stop.requested = True  # SIGTERM right after the transaction that also claimed the next batch
         return nxt
 
     monkeypatch.setattr(claim, "publish", publish_then_signal)

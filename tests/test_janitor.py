@@ -15,7 +15,8 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from ledgerbc import claim, janitor, models, run, split
+from ledgerbc import claim, janitor, models, publish, split
+from ledgerbc.batch import installer_for
 from ledgerbc.cli import cli
 from ledgerbc.create import init_ledger
 from ledgerbc.db import Ledger
@@ -29,6 +30,16 @@ from recovery_helpers import check_exactly_once
 LEASE, HEARTBEAT, SKEW = 60.0, 10.0, 20.0
 WINDOW = LEASE + SKEW
 T0 = 1_700_000_000.0
+
+
+class FailIfRun:
+    """An installer that must never run (a fenced publication renames nothing)."""
+
+    def run(self):
+        pytest.fail("installed outputs")
+
+    def undo(self):
+        pass
 
 
 class FakeClock:
@@ -114,7 +125,7 @@ def test_a_live_worker_whose_clock_is_off_by_up_to_the_skew_margin_never_loses_i
     for second in range(1, int(3 * WINDOW)):
         study.clock.advance(1.0)
         if second % HEARTBEAT == 0:
-            claim.heartbeat(wl, batch.batch_id, "w-skewed")
+            claim.heartbeat(wl, batch)
         report = jan.run_pass()
         assert report.reclaimed == [], f"live batch reclaimed at +{second}s"
     assert batch_state(jl, batch.batch_id) == models.RUNNING
@@ -148,16 +159,16 @@ def test_a_batch_silent_longer_than_lease_plus_skew_is_reclaimed_by_a_janitor_in
     assert all("lease expired: worker w-dead silent for 81s" in f.error for f in mine.values())
     # The dead worker, back from the grave, is fenced: it can neither heartbeat nor publish.
     with pytest.raises(claim.NotOwner):
-        claim.heartbeat(wl, batch.batch_id, "w-dead")
+        claim.heartbeat(wl, batch)
     with pytest.raises(claim.NotOwner):
-        claim.publish(wl, batch.batch_id, "w-dead", [], lambda: pytest.fail("installed outputs"), 2)
+        claim.publish(wl, batch, [], FailIfRun(), 2)
 
 
 def test_a_janitor_whose_own_ledger_access_stalled_reclaims_nothing_until_it_had_contact_again(study):
     wl = ledger_with_offset(study)
     batch = start_worker(wl, "w", study.settings)
     jan = janitor_with_contact(study, 2 * WINDOW)  # a long-lived janitor with good contact...
-    claim.heartbeat(wl, batch.batch_id, "w")
+    claim.heartbeat(wl, batch)
     assert jan.run_pass().reclaimed == []
     # ...then the shared filesystem hangs for 10 leases: nobody reaches the ledger, the clock jumps.
     study.clock.advance(10 * LEASE)
@@ -168,11 +179,11 @@ def test_a_janitor_whose_own_ledger_access_stalled_reclaims_nothing_until_it_had
     # Within the window the worker comes back too and heartbeats: it keeps its batch.
     study.clock.advance(HEARTBEAT)
     assert jan.run_pass().reclaimed == []
-    claim.heartbeat(wl, batch.batch_id, "w")
+    claim.heartbeat(wl, batch)
     for _ in range(int(3 * WINDOW / HEARTBEAT)):
         study.clock.advance(HEARTBEAT)
         if study.clock() % 30 < HEARTBEAT:  # the worker keeps beating (every 30 s, well within the lease)
-            claim.heartbeat(wl, batch.batch_id, "w")
+            claim.heartbeat(wl, batch)
         assert jan.run_pass().reclaimed == []
     assert batch_state(jan.ledger, batch.batch_id) == models.RUNNING
 
@@ -229,7 +240,7 @@ def test_recover_force_reclaims_batches_that_have_not_expired(study):
     mine = [f for rel, f in files(wl).items() if rel in {f.rel for f in batch.files}]
     assert [(f.state, f.attempts) for f in mine] == [(models.PENDING, 1)] * 3
     with pytest.raises(claim.NotOwner):
-        claim.heartbeat(wl, batch.batch_id, "w-alive")
+        claim.heartbeat(wl, batch)
 
 
 def test_recover_cli_reclaims_only_with_force_when_the_lease_is_fresh(study):
@@ -287,7 +298,7 @@ def basecall_in_staging(study, batch, dorado_exe, min_qscore=0.0):
         name = link_name(i, f.rel)
         os.symlink(study.input / f.rel, assigned / name)
         links[name] = f
-    staging = study.layout.staging(batch.batch_id)
+    staging = study.layout.staging(batch.batch_id, batch.token)
     staging.mkdir(parents=True)
     with open(staging / "calls.bam", "wb") as out:
         subprocess.run([dorado_exe, "basecaller", "hac", str(assigned)], stdout=out, stderr=subprocess.DEVNULL,
@@ -303,7 +314,7 @@ def test_a_reclaimed_batch_whose_outputs_were_already_renamed_into_pass_ends_don
     result, links = basecall_in_staging(study, batch, dorado_exe)
     # The owner renamed two of its three outputs into pass/ and died before the transaction committed.
     published = [f for f in links.values()][:2]
-    run.publish_outputs(study.layout, "fastq", result, {f.id for f in published}, links)
+    installer_for(study.layout, "fastq", result, {f.rel for f in published}, links).run()
     mtimes = {f.rel: study.layout.pass_path(f.rel, "fastq").stat().st_mtime_ns for f in published}
 
     report = expire(study, [batch.batch_id])
@@ -342,9 +353,9 @@ def test_an_owner_dying_right_after_renaming_a_pass_file_loses_none_of_that_file
         if Path(dst) == study.layout.pass_path(first.rel, "fastq"):
             raise Died()
 
-    monkeypatch.setattr(run.os, "replace", replace_then_die)
+    monkeypatch.setattr(publish.os, "replace", replace_then_die)
     with pytest.raises(Died):
-        run.publish_outputs(study.layout, "fastq", result, {f.id for f in links.values()}, links)
+        installer_for(study.layout, "fastq", result, {f.rel for f in links.values()}, links).run()
     monkeypatch.undo()
 
     expire(study, [batch.batch_id])
@@ -359,13 +370,10 @@ def test_a_zombie_cannot_publish_over_its_reclaimed_batch(study, dorado_exe):
     batch = start_worker(wl, "w-zombie", study.settings)
     result, links = basecall_in_staging(study, batch, dorado_exe)
     expire(study, [batch.batch_id])
-    results = [claim.FileResult(f.id, True, reads_pass=1) for f in links.values()]
-
-    def install():
-        run.publish_outputs(study.layout, "fastq", result, {f.id for f in links.values()}, links)
-
+    results = [claim.FileResult(f.rel, True, reads_pass=1) for f in links.values()]
+    install = installer_for(study.layout, "fastq", result, {f.rel for f in links.values()}, links)
     with pytest.raises(claim.NotOwner):
-        claim.publish(wl, batch.batch_id, "w-zombie", results, install, 2)
+        claim.publish(wl, batch, results, install, 2)
     assert not list((study.output / "pass").rglob("*.fastq")), "a fenced worker published"
     assert {f.state for f in files(wl).values()} == {models.PENDING}
 
@@ -373,7 +381,7 @@ def test_a_zombie_cannot_publish_over_its_reclaimed_batch(study, dorado_exe):
 # -- cleanup ---------------------------------------------------------------------------------------------
 def make_work_dirs(study, batch):
     assigned = study.layout.assigned(batch.batch_id, batch.worker_id)
-    staging = study.layout.staging(batch.batch_id)
+    staging = study.layout.staging(batch.batch_id, batch.token)
     for folder in (assigned, staging / "pass"):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "x").write_text("x")
@@ -389,10 +397,10 @@ def test_cleanup_removes_work_of_finished_batches_and_never_of_running_ones(stud
     done_dirs = make_work_dirs(study, done)
     running_dirs = make_work_dirs(study, running)
     # The finished batch's worker released it (SIGTERM) and died before removing its folders.
-    claim.release_batch(wl, done.batch_id, "w-done", "stopped")
+    claim.release_batch(wl, done, "stopped")
     jan = janitor_with_contact(study, 3 * WINDOW)
     for _ in range(3):
-        claim.heartbeat(wl, running.batch_id, "w-run")
+        claim.heartbeat(wl, running)
         report = jan.run_pass()
         study.clock.advance(HEARTBEAT)
     assert not any(p.exists() for p in done_dirs)
@@ -417,14 +425,12 @@ def test_cleanup_removes_work_of_finished_batches_and_never_of_running_ones(stud
 def publish_batch(study, ledger, batch, dorado_exe):
     result, links = basecall_in_staging(study, batch, dorado_exe)
     results = [
-        claim.FileResult(f.id, True, reads_pass=result.files[n].reads_pass, reads_fail=result.files[n].reads_fail)
+        claim.FileResult(f.rel, True, reads_pass=result.files[n].reads_pass, reads_fail=result.files[n].reads_fail,
+                         outputs=result.files[n].records())
         for n, f in links.items()
     ]
-
-    def install():
-        run.publish_outputs(study.layout, "fastq", result, {f.id for f in links.values()}, links)
-
-    claim.publish(ledger, batch.batch_id, batch.worker_id, results, install, 2)
+    install = installer_for(study.layout, "fastq", result, {f.rel for f in links.values()}, links)
+    claim.publish(ledger, batch, results, install, 2)
 
 
 def write_fastq(path: Path, read_ids):

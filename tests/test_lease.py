@@ -13,13 +13,18 @@ from ledgerbc.errors import NotOwner
 from test_janitor import WINDOW, batch_state, janitor_with_contact, ledger_with_offset, start_worker, study  # noqa: F401
 
 
+def holder(batch) -> str:
+    """Who a lease file names: the worker and the batch's fencing nonce."""
+    return lease.owner(batch.worker_id, batch.token)
+
+
 def test_a_fresh_lease_file_keeps_a_batch_whose_ledger_heartbeat_is_old(study):
     wl = ledger_with_offset(study)
     batch = start_worker(wl, "w1", study.settings)
-    beat = lease.Heartbeat(wl, study.settings, batch.batch_id, "w1")
+    beat = lease.Heartbeat(wl, study.settings, batch)
     jan = janitor_with_contact(study, WINDOW + 40, step=10)  # the clock moves 120 s; the ledger heartbeat is that old
     beat.beat()  # within the ledger interval: the lease file only
-    assert lease.read(study.path, batch.batch_id, "w1") == study.clock()
+    assert lease.read(study.path, batch.batch_id, holder(batch)) == study.clock()
     report = jan.run_pass()
     assert report.reclaimed == [] and batch_state(wl, batch.batch_id) == "running"
     # status shows the lease file's age, not the ledger's
@@ -34,7 +39,7 @@ def test_a_fresh_lease_file_keeps_a_batch_whose_ledger_heartbeat_is_old(study):
     assert batch_state(wl, batch.batch_id) == "reclaimed"
     assert not lease.lease_path(study.path, batch.batch_id).exists()
     with pytest.raises(NotOwner):
-        claim.heartbeat(wl, batch.batch_id, "w1")
+        claim.heartbeat(wl, batch)
 
 
 def test_a_lease_file_of_another_worker_or_garbage_does_not_keep_a_batch(study):
@@ -44,9 +49,9 @@ def test_a_lease_file_of_another_worker_or_garbage_does_not_keep_a_batch(study):
     other = claim.claim_batch(wl, "w2", study.settings)
     jan = janitor_with_contact(study, WINDOW + 40, step=10)
     lease.write(study.path, batch.batch_id, "somebody-else", study.clock())
-    assert lease.read(study.path, batch.batch_id, "w1") is None
-    lease.lease_path(study.path, other.batch_id).write_text("w2\nnot-a-time\n")
-    assert lease.read(study.path, other.batch_id, "w2") is None
+    assert lease.read(study.path, batch.batch_id, holder(batch)) is None
+    lease.lease_path(study.path, other.batch_id).write_text(holder(other) + "\nnot-a-time\n")
+    assert lease.read(study.path, other.batch_id, holder(other)) is None
     report = jan.run_pass()
     assert sorted(report.reclaimed) == sorted([batch.batch_id, other.batch_id])
 
@@ -54,7 +59,7 @@ def test_a_lease_file_of_another_worker_or_garbage_does_not_keep_a_batch(study):
 def test_heartbeat_goes_to_the_ledger_every_half_lease_and_finds_a_fence(study):
     wl = ledger_with_offset(study)
     batch = start_worker(wl, "w1", study.settings)
-    beat = lease.Heartbeat(wl, study.settings, batch.batch_id, "w1")
+    beat = lease.Heartbeat(wl, study.settings, batch)
     assert beat.every == study.settings.lease / 2
 
     def ledger_beat_at():
@@ -65,7 +70,7 @@ def test_heartbeat_goes_to_the_ledger_every_half_lease_and_finds_a_fence(study):
     study.clock.advance(HEARTBEAT_S := study.settings.heartbeat)
     beat.beat()
     assert ledger_beat_at() == claimed_at  # lease file only
-    assert lease.read(study.path, batch.batch_id, "w1") == claimed_at + HEARTBEAT_S
+    assert lease.read(study.path, batch.batch_id, holder(batch)) == claimed_at + HEARTBEAT_S
     beat.last_ledger = time.monotonic() - beat.every  # half a lease has passed (monotonic clock)
     study.clock.advance(HEARTBEAT_S)
     beat.beat()
@@ -86,7 +91,7 @@ def test_an_unwritable_lease_folder_falls_back_to_the_ledger(study):
     wl = ledger_with_offset(study)
     batch = start_worker(wl, "w1", study.settings)
     lease.lease_dir(study.path).write_text("a file where the folder should be")
-    beat = lease.Heartbeat(wl, study.settings, batch.batch_id, "w1")
+    beat = lease.Heartbeat(wl, study.settings, batch)
     study.clock.advance(5)
     beat.beat()
     assert wl.transact(lambda c: c.exec_driver_sql(
@@ -96,7 +101,7 @@ def test_an_unwritable_lease_folder_falls_back_to_the_ledger(study):
 def test_janitor_removes_lease_files_of_batches_that_are_over(study):
     wl = ledger_with_offset(study)
     batch = start_worker(wl, "w1", study.settings)
-    lease.write(study.path, batch.batch_id, "w1", study.clock())
+    lease.write(study.path, batch.batch_id, holder(batch), study.clock())
     lease.write(study.path, 999, "w9", study.clock())  # a crashed worker's, for a batch the ledger never ran
     (lease.lease_dir(study.path) / ".998.1234").write_text("half-written by a dead writer")
     janitor.Janitor(wl, study.settings).run_pass()
@@ -133,7 +138,7 @@ def test_a_ledger_beat_that_fails_still_renews_the_lease_file(study, monkeypatch
 
     wl = ledger_with_offset(study)
     batch = start_worker(wl, "w1", study.settings)
-    beat = lease.Heartbeat(wl, study.settings, batch.batch_id, "w1")
+    beat = lease.Heartbeat(wl, study.settings, batch)
     beat.last_ledger = time.monotonic() - beat.every
 
     def locked_out(*_args):
@@ -143,6 +148,6 @@ def test_a_ledger_beat_that_fails_still_renews_the_lease_file(study, monkeypatch
     study.clock.advance(30)
     with pytest.raises(LockTimeout):
         beat.beat()
-    assert lease.read(study.path, batch.batch_id, "w1") == study.clock()
+    assert lease.read(study.path, batch.batch_id, holder(batch)) == study.clock()
     with pytest.raises(LockTimeout):  # still due: the next beat tries the ledger again
         beat.beat()

@@ -1,7 +1,8 @@
 """A big scan inspects pod5 files in a process pool (scan._observe_all): same observations, same order."""
 from __future__ import annotations
 
-from ledgerbc import scan, synth
+from ledgerbc import scan
+from ledgerbc.testkit import synth
 
 
 def test_the_process_pool_gives_the_same_observations_in_order(tmp_path, monkeypatch):
