@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import errors
 from .mounts import FAIL, OK, WARN, Check, mount_check, refuse_unsafe_mount  # noqa: F401  (re-exported)
+from .dorado import version_from_output as dorado_version_from_output
 
 log = logging.getLogger("ledgerbc.doctor")
 
@@ -203,7 +204,8 @@ def dorado_checks(settings) -> list[Check]:
                                   stdin=subprocess.DEVNULL)
             said = (proc.stdout + proc.stderr).strip().splitlines()
             if proc.returncode == 0:
-                checks.append(Check(OK, "dorado", f"{exe} --version: {said[0] if said else '(no output)'}"))
+                found = dorado_version_from_output(proc.stdout, proc.stderr) or (said[0] if said else "(no output)")
+                checks.append(Check(OK, "dorado", f"{exe} --version: {found}"))
             else:
                 checks.append(Check(FAIL, "dorado", f"`{exe} --version` exited with status {proc.returncode}: "
                                     f"{said[-1] if said else 'no output'}. Check the dorado installation "

@@ -4,6 +4,7 @@ dorado has no SIGTERM handler, so stopping it is SIGTERM to its process group, a
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from .errors import BadInput
 
 STOP_GRACE = 3.0
+_VERSION_LINE = re.compile(r"^\d+\.\d+\.\d+(\+\S+)?$")
 
 
 def build_argv(settings, assigned_dir: Path, device: str | None, executable: str | None = None) -> list[str]:
@@ -71,6 +73,16 @@ class DoradoProcess:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+
+
+def version_from_output(stdout: str, stderr: str) -> str | None:
+    """The version `dorado --version` printed: `X.Y.Z+<hash>` alone on a line, on stderr (dorado < 1.3,
+    after its `[info] Running: "--version"` log line) or stdout (>= 1.3). None if there is none."""
+    for line in reversed((stdout + "\n" + stderr).splitlines()):
+        line = line.strip()
+        if _VERSION_LINE.match(line):
+            return line
+    return None
 
 
 def error_lines(log_path: Path, limit: int = 200) -> list[str]:

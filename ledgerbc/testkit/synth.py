@@ -34,23 +34,45 @@ _EPOCH = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
 _NOISE = np.random.default_rng(12345).normal(500, 60, 2 * SPLIT_READ_SAMPLES).astype(np.int16)
 
 
-def _run_info(rng: np.random.Generator) -> pod5.RunInfo:
+# Run info keys (flow cell product code, sequencing kit, sample rate) of chemistries dorado >= 1.0 supports
+# (ledgerbc.chemistry.resolve): the default, another kit of the same chemistry, and RNA004.
+DNA_5KHZ = ("FLO-PRO114M", "SQK-LSK114", 5000)
+DNA_5KHZ_NBD = ("FLO-PRO114M", "SQK-NBD114-96", 5000)
+RNA004 = ("FLO-PRO004RA", "SQK-RNA004", 4000)
+# ...and ones it refuses: 4 kHz R10.4.1, R9.4.1, RNA002.
+DNA_4KHZ = ("FLO-PRO114M", "SQK-LSK114", 4000)
+DNA_R941 = ("FLO-PRO002", "SQK-LSK109", 4000)
+RNA002 = ("FLO-MIN106", "SQK-RNA002", 3000)
+
+
+def _chemistry(chemistry) -> tuple[str, str, int]:
+    """(flow cell product code, kit, sample rate) from a tuple or a ledgerbc.chemistry.RunInfoKey."""
+    if chemistry is None:
+        return DNA_5KHZ
+    if hasattr(chemistry, "flow_cell_product_code"):
+        return chemistry.flow_cell_product_code, chemistry.sequencing_kit, int(chemistry.sample_rate)
+    flow_cell, kit, rate = chemistry
+    return flow_cell, kit, int(rate)
+
+
+def _run_info(rng: np.random.Generator, chemistry=None) -> pod5.RunInfo:
+    flow_cell, kit, rate = _chemistry(chemistry)
     acquisition_id = uuid.UUID(bytes=rng.bytes(16), version=4).hex
     return pod5.RunInfo(
         acquisition_id=acquisition_id,
         acquisition_start_time=_EPOCH,
         adc_max=4095,
         adc_min=-4096,
-        context_tags={"sample_frequency": "5000", "sequencing_kit": "sqk-lsk114"},
+        context_tags={"sample_frequency": str(rate), "sequencing_kit": kit.lower()},
         experiment_name="ledgerbc-synthetic",
         flow_cell_id="PAS00000",
-        flow_cell_product_code="FLO-PRO114M",
-        protocol_name="sequencing/sequencing_PRO114_DNA_e8_2_400K:FLO-PRO114M:SQK-LSK114",
+        flow_cell_product_code=flow_cell,
+        protocol_name=f"sequencing/sequencing_PRO114_DNA_e8_2_400K:{flow_cell}:{kit}",
         protocol_run_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)),
         protocol_start_time=_EPOCH,
         sample_id="synthetic",
-        sample_rate=5000,
-        sequencing_kit="sqk-lsk114",
+        sample_rate=rate,
+        sequencing_kit=kit,
         sequencer_position="1A",
         sequencer_position_type="PromethION",
         software="ledgerbc.synth",
@@ -60,11 +82,12 @@ def _run_info(rng: np.random.Generator) -> pod5.RunInfo:
     )
 
 
-def write_pod5(path, n_reads: int, samples_per_read=(2000, 20000), seed: int = 0) -> list[str]:
+def write_pod5(path, n_reads: int, samples_per_read=(2000, 20000), seed: int = 0, chemistry=None) -> list[str]:
     """Write a pod5 file of `n_reads` reads and return their read ids (as strings, in file order).
 
     `samples_per_read` is a sample count or an inclusive `(min, max)` range; everything is
-    deterministic in `seed` except the file_identifier, which pod5 draws itself.
+    deterministic in `seed` except the file_identifier, which pod5 draws itself. `chemistry` is the run
+    info's (flow cell product code, sequencing kit, sample rate), default `DNA_5KHZ`.
     """
     if isinstance(samples_per_read, int):
         low = high = samples_per_read
@@ -73,11 +96,11 @@ def write_pod5(path, n_reads: int, samples_per_read=(2000, 20000), seed: int = 0
     if not 1 <= low <= high <= len(_NOISE):
         raise ValueError(f"samples_per_read must lie in 1..{len(_NOISE)}: {samples_per_read!r}")
     rng = np.random.default_rng(seed)
-    return _write(path, [int(n) for n in rng.integers(low, high + 1, n_reads)], rng)
+    return _write(path, [int(n) for n in rng.integers(low, high + 1, n_reads)], rng, chemistry)
 
 
-def _write(path, sample_counts: list[int], rng: np.random.Generator) -> list[str]:
-    run_info = _run_info(rng)
+def _write(path, sample_counts: list[int], rng: np.random.Generator, chemistry=None) -> list[str]:
+    run_info = _run_info(rng, chemistry)
     end_reason = pod5.EndReason.from_reason_with_default_forced(pod5.EndReasonEnum.SIGNAL_POSITIVE)
     reads = []
     for number, n_samples in enumerate(sample_counts):
@@ -108,13 +131,14 @@ def _plain_name(index: int, seed: int) -> str:
 
 
 def make_dataset(root, n_files: int, seed: int = 0, hostile_names: bool = True,
-                 size_spread: bool = True) -> dict[str, list[str]]:
+                 size_spread: bool = True, chemistry=None) -> dict[str, list[str]]:
     """Write `n_files` pod5 files under `root` (nested folders); return {rel path: read ids}.
 
     With `hostile_names`, the first files get names with spaces, unicode, quotes, `;`, `$(...)`,
     backticks, a leading `-` and a basename shared by two folders. With `size_spread`, files hold
     1-30 reads of 1000 to 60000 samples, and one file in 50 also holds a read long enough for
-    the stand-in dorado to split; otherwise every file holds 10 reads of 4000-8000 samples.
+    the stand-in dorado to split; otherwise every file holds 10 reads of 4000-8000 samples. Every file
+    has the run info key `chemistry` (default `DNA_5KHZ`).
     """
     root = Path(root)
     names = HOSTILE_NAMES[:n_files] if hostile_names else []
@@ -130,7 +154,7 @@ def make_dataset(root, n_files: int, seed: int = 0, hostile_names: bool = True,
                 counts.append(SPLIT_READ_SAMPLES)
         else:
             counts = [int(n) for n in file_rng.integers(4000, 8001, 10)]
-        dataset[rel] = _write(root / rel, counts, file_rng)
+        dataset[rel] = _write(root / rel, counts, file_rng, chemistry)
     return dataset
 
 
