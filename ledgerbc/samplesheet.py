@@ -210,14 +210,3 @@ def _warn(sheet: SampleSheet, where: str, kit_name: str | None) -> None:
         if kit_name and kit and kit.upper() != kit_name.upper():
             sheet.warnings.append(f"{where}:{line}: kit {kit!r} is not --kit-name {kit_name!r} (dorado ignores "
                                   "the kit column)")
-
-
-def barcode_folder(bc_tag: str | None, kit_name: str) -> str:
-    """The `<barcode>` folder of a record from its `BC:Z` value: `<KIT>_barcodeNN` -> `barcodeNN`, an alias
-    stays itself, no tag (how dorado's basecaller writes an unclassified read) -> `unclassified`."""
-    if not bc_tag or bc_tag == UNCLASSIFIED:
-        return UNCLASSIFIED
-    prefix = f"{kit_name}_"
-    if bc_tag.startswith(prefix) and _BARCODE.match(bc_tag[len(prefix):]):
-        return bc_tag[len(prefix):]
-    return bc_tag

@@ -2,7 +2,7 @@
 import pytest
 
 from ledgerbc import samplesheet
-from ledgerbc.samplesheet import barcode_folder, kit_error, parse
+from ledgerbc.samplesheet import kit_error, parse
 
 # The sheet dorado's own tests use with barcode_demux/read_group_test (tests/data/barcode_demux/sample_sheet.csv).
 DORADO_DEMUX_SHEET = (
@@ -102,14 +102,6 @@ def test_warnings_for_what_dorado_accepts_but_never_matches(tmp_path):
     assert "kit 'SQK-RBK114-24' is not --kit-name" in sheet.warnings[2]
     assert "listed again (line 4 wins)" in sheet.warnings[3]
     assert sheet.aliases()["barcode03"] == "c"
-
-
-def test_barcode_folder():
-    kit = "SQK-NBD114-96"
-    assert barcode_folder("SQK-NBD114-96_barcode07", kit) == "barcode07"
-    assert barcode_folder("patient_id_1", kit) == "patient_id_1"
-    assert barcode_folder("x_barcode01", kit) == "x_barcode01"  # an alias that merely ends like a barcode
-    assert barcode_folder(None, kit) == barcode_folder("", kit) == barcode_folder("unclassified", kit) == "unclassified"
 
 
 def test_kit_names_are_exact():
