@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import claim, dorado, lease, pod5check, split
+from .chemistry import chemistry_error
 from .durable import fsync_dir, fsync_path, probe_space
 from .errors import LedgerCorrupt, LedgerError, LedgerNotFound, LockTimeout, NotOwner, StorageFull
 from .layout import MANIFEST, Layout, link_name
@@ -115,7 +116,7 @@ class BatchRun:
             return ended
         failed = self._dorado_failure()
         if failed is not None:
-            return self._fail(failed)
+            return self._fail(*failed)
         if not self._owned():
             return "fenced"  # reclaimed while dorado ran (e.g. the worker was frozen): do not even split
         split_result, results = self._heartbeating(lambda: self.split(links))
@@ -186,15 +187,21 @@ class BatchRun:
                 self._stop_dorado()
                 return self._fail(f"dorado timed out after {timeout:.0f}s (batch timeout)")
 
-    def _dorado_failure(self) -> str | None:
-        """Why dorado's run cannot be used, or None. dorado may exit 0 after skipping a file: that is
-        found per file by the accounting, not here."""
+    def _dorado_failure(self) -> tuple[str, bool] | None:
+        """(why dorado's run cannot be used, whether retrying cannot help), or None. dorado may exit 0 after
+        skipping a file: that is found per file by the accounting, not here. A call dorado refused for the
+        data's chemistry (no model for it, e.g. R9.4.1 since dorado 1.0) fails its files at once: every batch
+        holds one chemistry, so another attempt would be refused the same way (DESIGN §4, §5)."""
         rc = self.proc.proc.returncode
         if rc == 0:
             return None
         errors = dorado.error_lines(self.proc.log_path)
+        refused = chemistry_error(errors)
+        if refused is not None:
+            return (f"dorado refused the chemistry {self.batch.chemistry or 'unknown'}: {refused} "
+                    f"(log {self.proc.log_path})"), True
         detail = f"; {errors[-1]}" if errors else ""
-        return f"dorado exited with status {rc}{detail} (log {self.proc.log_path})"
+        return f"dorado exited with status {rc}{detail} (log {self.proc.log_path})", False
 
     # -- split -----------------------------------------------------------------------------------------
     def split(self, links) -> tuple[split.SplitResult, list[claim.FileResult]]:
@@ -274,10 +281,11 @@ class BatchRun:
         return "done"
 
     # -- endings --------------------------------------------------------------------------------------
-    def _fail(self, error: str) -> str:
+    def _fail(self, error: str, now_failed: bool = False) -> str:
         probe_space(self.staging)  # a full disk is not the files' fault: StorageFull instead (no attempt)
         try:
-            self.crew.patiently(claim.fail_batch, self.crew.ledger, self.batch, error, self.crew.settings.max_attempts)
+            self.crew.patiently(claim.fail_batch, self.crew.ledger, self.batch, error, self.crew.settings.max_attempts,
+                                now_failed)
         except NotOwner:
             return "fenced"
         return "failed"

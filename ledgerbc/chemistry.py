@@ -180,12 +180,17 @@ def read_run_info(path) -> FileRunInfo:
     import pod5  # slow import: only when a file is really read
 
     with pod5.Reader(path) as reader:
-        rows = reader.run_info_table.read_all().to_pylist()
-        samples = 0
-        table = reader.read_table
-        for i in range(table.num_record_batches):
-            samples += sum(n or 0 for n in table.get_batch(i).column("num_samples").to_pylist())
-        count = reader.num_reads
+        return run_info_of(reader)
+
+
+def run_info_of(reader) -> FileRunInfo:
+    """`read_run_info` of an open `pod5.Reader` (the scan opens each file once)."""
+    rows = reader.run_info_table.read_all().to_pylist()
+    samples = 0
+    table = reader.read_table
+    for i in range(table.num_record_batches):
+        samples += sum(n or 0 for n in table.get_batch(i).column("num_samples").to_pylist())
+    count = reader.num_reads
     keys: list[RunInfoKey] = []
     for row in rows:
         k = RunInfoKey(row.get("flow_cell_product_code") or "", row.get("sequencing_kit") or "",
@@ -442,6 +447,23 @@ def can_serve(spec: ModelSpec, chemistry: Chemistry) -> tuple[bool, str | None]:
     if spec.analyte is None or spec.sample_rate is None:
         return True, f"model {label} is not in dorado's tables: its analyte and sample rate are not checked"
     return True, None
+
+
+# The errors dorado fails a whole call with because of the data's chemistry (or the model's fit to it): no
+# retry can help, so the batch's files are failed at once (docs/dorado-facts.md has the texts).
+CHEMISTRY_ERRORS = (
+    "Could not uniquely resolve chemistry", "Could not resolve chemistry", "No supported chemistry found",
+    "has been deprecated since Dorado", "are not compatible", "Deprecated model",
+    "Failed to determine sequencing chemistry",
+)
+
+
+def chemistry_error(lines) -> str | None:
+    """The line of dorado's log that says it refused the data's chemistry, or None."""
+    for line in reversed(list(lines)):
+        if any(marker in line for marker in CHEMISTRY_ERRORS):
+            return line.split("[error] ", 1)[-1].strip()  # without spdlog's time and level
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -409,8 +409,9 @@ def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts
 
 def fail_batch(ledger, c: Claim, error: str, max_attempts: int, now_failed: bool = False) -> None:
     """dorado failed on the whole batch: every file back to pending with attempts+1 (or failed), each to be
-    claimed alone next time. `now_failed`: fail them at once (retrying cannot help, e.g. an unsupported
-    chemistry)."""
+    claimed alone next time. `now_failed`: dorado refused the batch's chemistry, so retrying cannot help:
+    its files fail at once, and so do the pending files of the same chemistry, which dorado would refuse
+    the same way (one dorado call per refused chemistry, not one per file and attempt)."""
 
     def txn(conn):
         now = _now(ledger)
@@ -418,6 +419,13 @@ def fail_batch(ledger, c: Claim, error: str, max_attempts: int, now_failed: bool
         ids = [row_id for row_id, _fid in _batch_files(conn, c.batch_id).values()]
         if now_failed:
             fail_files_now(conn, c.batch_id, ids, error)
+            same = conn.execute(
+                sa.update(Pod5File).where(Pod5File.state == PENDING, Pod5File.chemistry.is_(c.chemistry))
+                .values(state=FAILED, last_error=f"not sent to dorado: {error}")
+            ).rowcount
+            if same:
+                event(conn, now, "chemistry-refused", c.worker_id, c.batch_id,
+                      message=f"{same} more pending files of chemistry {c.chemistry} failed with batch {c.batch_id}")
         else:
             return_files(conn, c.batch_id, ids, error, True, max_attempts, isolate=True)
         _finish_batch(conn, c.batch_id, models.BATCH_FAILED, now, error)

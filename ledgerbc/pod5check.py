@@ -24,6 +24,7 @@ class Unreadable(Exception):
 class Pod5Info:
     read_count: int
     file_identifier: str
+    run_info: object = None  # chemistry.FileRunInfo: the run-info keys of every read group, signal samples
 
 
 def has_signatures(path: Path, size: int | None = None) -> bool:
@@ -38,7 +39,7 @@ def has_signatures(path: Path, size: int | None = None) -> bool:
 
 
 def inspect(path: Path, size: int | None = None) -> Pod5Info:
-    """Read count and file identifier of a complete pod5; NotComplete or Unreadable otherwise."""
+    """Read count, file identifier and run info of a complete pod5; NotComplete or Unreadable otherwise."""
     if not has_signatures(path, size):
         raise NotComplete(
             "not a complete pod5 file (no pod5 signature at its start and end): still being written, "
@@ -46,13 +47,16 @@ def inspect(path: Path, size: int | None = None) -> Pod5Info:
         )
     import pod5  # slow import: only when a file is really inspected
 
+    from .chemistry import run_info_of
+
     try:
         with pod5.Reader(path) as reader:
             count = reader.num_reads
             identifier = str(reader.file_identifier)
+            run_info = run_info_of(reader)
     except Exception as exc:  # the pod5 library raises many types for a damaged file
         raise Unreadable(f"pod5 cannot read it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return Pod5Info(read_count=count, file_identifier=identifier)
+    return Pod5Info(read_count=count, file_identifier=identifier, run_info=run_info)
 
 
 def writer_tmp_identifier(name: str) -> str | None:

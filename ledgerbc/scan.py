@@ -66,6 +66,21 @@ class _Known:
     state: str
     batch_id: int | None
     stable_since: float | None
+    chemistry: str | None = None
+
+
+def run_info_values(info) -> dict:
+    """The run-info columns of a file (DESIGN §4: one chemistry per batch) from its `pod5check.Pod5Info`."""
+    run = info.run_info if info is not None else None
+    if run is None:
+        return {}
+    first = run.keys[0] if run.keys else None
+    return dict(
+        chemistry=run.key, samples=run.samples,
+        flow_cell_product_code=first.flow_cell_product_code.upper() if first else None,
+        sequencing_kit=first.sequencing_kit.upper() if first else None,
+        sample_rate=first.sample_rate if first else None,
+    )
 
 
 def walk(input_dir: Path, exclude: Path | None = None, warnings: list | None = None):
@@ -171,14 +186,14 @@ class Scanner:
         def load(conn, after):
             t = Pod5File
             return conn.execute(
-                sa.select(t.id, t.rel_path, t.size, t.mtime_ns, t.state, t.batch_id, t.stable_since)
+                sa.select(t.id, t.rel_path, t.size, t.mtime_ns, t.state, t.batch_id, t.stable_since, t.chemistry)
                 .where(t.id > after)
             ).all()
 
         def load_unsettled(conn):
             t = Pod5File
             return conn.execute(
-                sa.select(t.id, t.rel_path, t.size, t.mtime_ns, t.state, t.batch_id, t.stable_since)
+                sa.select(t.id, t.rel_path, t.size, t.mtime_ns, t.state, t.batch_id, t.stable_since, t.chemistry)
                 .where(t.state.in_((WAITING, FAILED)))
             ).all()
 
@@ -191,13 +206,16 @@ class Scanner:
                     k.state = PENDING  # settled meanwhile (by another scanner, or retried): not ours to look at
             rows += unsettled
         for r in rows:
-            self._known[r.rel_path] = _Known(r.id, r.size, r.mtime_ns, r.state, r.batch_id, r.stable_since)
+            self._known[r.rel_path] = _Known(r.id, r.size, r.mtime_ns, r.state, r.batch_id, r.stable_since,
+                                             r.chemistry)
             self._max_id = max(self._max_id, r.id)
 
     def _needs_look(self, rel: str, st) -> bool:
         known = self._known.get(rel)
         if known is None or known.state == WAITING:
             return True
+        if known.state == PENDING and known.chemistry is None:
+            return True  # admitted by a ledgerbc that did not read run info (schema < 0003): read it now
         changed = (known.size, known.mtime_ns) != (st.st_size, st.st_mtime_ns)
         # A file that failed its admission check (never claimed) is looked at again once it changes.
         return known.state == FAILED and known.batch_id is None and changed
@@ -273,10 +291,18 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
             ).all()
         )
     for obs, prior, state, error, stable_since in decided:
+        if prior is not None and prior.state == PENDING:
+            # Run info of a file admitted before it was recorded: only those columns, only while still pending.
+            if obs.info is not None:
+                conn.execute(sa.update(t).where(t.id == prior.id, t.state == PENDING, t.chemistry.is_(None))
+                             .values(**run_info_values(obs.info)))
+                prior.chemistry = obs.info.run_info.key if obs.info.run_info else None
+            continue
         values = dict(
             size=obs.size, mtime_ns=obs.mtime_ns, state=state, last_error=error, stable_since=stable_since,
             read_count=obs.info.read_count if obs.info else None,
             file_identifier=obs.info.file_identifier if obs.info else None,
+            **run_info_values(obs.info),
         )
         prior_id = prior.id if prior else None
         if state == PENDING:
@@ -302,7 +328,7 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
             originals[values["file_identifier"]] = row_id
         key = {PENDING: "added", DUPLICATE: "duplicates", FAILED: "failed", WAITING: "waiting"}[state]
         counts[key] += 1
-        known[obs.rel] = _Known(row_id, obs.size, obs.mtime_ns, state, None, stable_since)
+        known[obs.rel] = _Known(row_id, obs.size, obs.mtime_ns, state, None, stable_since, values.get("chemistry"))
     if counts["failed"]:
         conn.execute(
             sa.insert(models.Event),

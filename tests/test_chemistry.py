@@ -261,3 +261,17 @@ def test_check_call_like_dorado():
     assert refused.error == "Sample rate for model (5000) and data (4000) are not compatible."
     assert check_call(explicit, [info("FLO-PRO114M|SQK-LSK114|5000", 4950)]).ok  # dorado's ±100 Hz
     assert check_call(parse_model("/m/custom"), [rna], model_sample_rate=5000).error.startswith("Sample rate for")
+
+
+def test_chemistry_error_finds_dorados_refusal_without_its_log_prefix():
+    from ledgerbc.chemistry import chemistry_error
+
+    lines = [
+        "[2026-12-05 01:45:22.600] [info] Running: \"basecaller\" \"hac\" \"x\"",
+        "[2026-12-05 01:45:22.624] [error] The 'RNA002' chemistry has been deprecated since Dorado v1.0.0. Please "
+        "use a previous version which can be found at https://github.com/nanoporetech/dorado/releases/tag/v0.9.6.",
+    ]
+    assert chemistry_error(lines).startswith("The 'RNA002' chemistry has been deprecated since Dorado v1.0.0.")
+    assert chemistry_error(["[2026-12-05 01:45:22.624] [error] Failed to load pod5 file x: IOError"]) is None
+    assert chemistry_error(["[x] [error] Failed to resolve basecaller models: Could not uniquely resolve chemistry "
+                            "from inhomogeneous data"]).endswith("inhomogeneous data")
