@@ -130,6 +130,9 @@ stop_pidfile "$SLURMCTLD_PID" slurmctld slurmctld
 stop_pidfile "$MUNGED_PID" munged munged
 
 rm -f "$ENV_FILE" "$ENV_FILE.tmp"
+# A later slurm.conf without GresTypes must never meet this gres.conf; the stand-in GPUs go with it.
+rm -f /etc/slurm/gres.conf
+rm -rf "$RUN_DIR/gpu"
 
 # ---------------------------------------------------------------- report --
 # Zombies (exited, waiting for init to reap them; ~2 s here) are not leftovers.

@@ -11,6 +11,12 @@
 #   LEDGERBC_CI_NO_GLUSTER=1  skip GlusterFS
 #   LEDGERBC_CI_WAIT=SECONDS  bound of each readiness wait (default 60)
 #
+# Slurm declares 4 GPUs as generic resources (CLUSTER.md "GPUs as generic resources"): stand-in
+# character devices (null devices, harmless if opened) under /run/ledgerbc-ci/gpu/nvidia0..3 and a
+# gres.conf naming them, so a task of `sbatch --ntasks=1 --gpus-per-task=1` gets its own
+# CUDA_VISIBLE_DEVICES, as on a real GPU node. A config change restarts slurmctld (keeping queued and
+# running jobs) and slurmd by pid file.
+#
 # Writes /run/ledgerbc-ci/env with the parts that came up:
 #   LEDGERBC_TEST_SLURM=1
 #   LEDGERBC_TEST_GLUSTER_A=/mnt/ledger-a
@@ -24,6 +30,9 @@ NO_SLURM=${LEDGERBC_CI_NO_SLURM:-0}
 NO_GLUSTER=${LEDGERBC_CI_NO_GLUSTER:-0}
 
 SLURM_CONF=/etc/slurm/slurm.conf
+GRES_CONF=/etc/slurm/gres.conf
+GPU_DIR=$RUN_DIR/gpu
+N_GPUS=4
 SLURMCTLD_PID=/run/slurm/slurmctld.pid
 SLURMD_PID=/run/slurm/slurmd.pid
 MUNGED_PID=/run/munge/munged.pid
@@ -158,50 +167,84 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 MinJobAge=30
 KillWait=10
 SlurmdParameters=config_overrides
-NodeName=${node} NodeAddr=127.0.0.1 CPUs=16 RealMemory=1000 State=UNKNOWN
+GresTypes=gpu
+NodeName=${node} NodeAddr=127.0.0.1 CPUs=16 RealMemory=1000 Gres=gpu:${N_GPUS} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 )
+    # Stand-in GPUs: slurmd ignores a gres File= that is not a character or block device.
+    mkdir -p "$GPU_DIR"
+    for ((i = 0; i < N_GPUS; i++)); do
+        dev=$GPU_DIR/nvidia$i
+        if [[ ! -c $dev ]]; then
+            rm -f "$dev"
+            mknod -m 0666 "$dev" c 1 3 || die "mknod $dev failed"
+        fi
+    done
+    gres_new="NodeName=${node} Name=gpu File=${GPU_DIR}/nvidia[0-$((N_GPUS - 1))]"
+
+    # write_if_changed FILE CONTENT: true when FILE was (re)written.
+    write_if_changed() {
+        [[ -f $1 && "$(cat "$1")" == "$2" ]] && return 1
+        printf '%s\n' "$2" >"$1.tmp"
+        chmod 0644 "$1.tmp"
+        mv "$1.tmp" "$1"
+        log "wrote $1 (node $node)"
+    }
     conf_changed=0
-    if [[ ! -f $SLURM_CONF ]] || [[ "$(cat "$SLURM_CONF")" != "$conf_new" ]]; then
-        printf '%s\n' "$conf_new" >"$SLURM_CONF.tmp"
-        chmod 0644 "$SLURM_CONF.tmp"
-        mv "$SLURM_CONF.tmp" "$SLURM_CONF"
-        conf_changed=1
-        log "wrote $SLURM_CONF (node $node)"
-    fi
+    # gres.conf first: a slurm.conf declaring GresTypes=gpu must never meet a slurmd without it.
+    if write_if_changed "$GRES_CONF" "$gres_new"; then conf_changed=1; fi
+    if write_if_changed "$SLURM_CONF" "$conf_new"; then conf_changed=1; fi
 
     stop_by_pidfile() {  # used only to restart after a config change
         local pidfile=$1 comm=$2 pid
         pid_alive "$pidfile" "$comm" || return 0
         pid=$(tr -dc '0-9' <"$pidfile")
         kill -TERM "$pid" 2>/dev/null || true
-        wait_until "$comm (pid $pid) to exit" 20 bash -c "! kill -0 $pid" \
+        # gone, or a zombie not yet reaped by init
+        wait_until "$comm (pid $pid) to exit" 20 bash -c \
+            "! kill -0 $pid || [[ \$(awk '{print \$3}' /proc/$pid/stat) == Z ]]" \
             || die "$comm (pid $pid) did not exit"
     }
-    if ((conf_changed)); then
+    # Node and gres changes need both daemons restarted (scontrol reconfigure is not enough).
+    ctld_opts=(-c)
+    if ((conf_changed)) && pid_alive "$SLURMCTLD_PID" slurmctld; then
+        log "configuration changed: restarting slurmctld and slurmd"
         stop_by_pidfile "$SLURMD_PID" slurmd
         stop_by_pidfile "$SLURMCTLD_PID" slurmctld
+        # A restart of a running cluster keeps its jobs: others may be using it.
+        ctld_opts=()
+    elif ((conf_changed)); then
+        stop_by_pidfile "$SLURMD_PID" slurmd
     fi
 
     if pid_alive "$SLURMCTLD_PID" slurmctld; then
         log "slurmctld already running (pid $(cat "$SLURMCTLD_PID"))"
     else
-        # -c drops old jobs; job ids still continue from the last one
+        # -c (fresh start) drops old jobs; job ids still continue from the last one
         # (kept in StateSaveLocation), so jobcomp.log keeps unique ids.
-        log "starting slurmctld -c"
-        /usr/sbin/slurmctld -c || die "slurmctld failed to start; see /var/log/slurm/slurmctld.log"
+        log "starting slurmctld ${ctld_opts[*]}"
+        /usr/sbin/slurmctld "${ctld_opts[@]}" || die "slurmctld failed to start; see /var/log/slurm/slurmctld.log"
     fi
     wait_until "slurmctld to answer (scontrol ping)" "$WAIT" \
         bash -c 'scontrol ping | grep UP >/dev/null' \
         || die "slurmctld not answering; see /var/log/slurm/slurmctld.log"
 
+    slurmd_started=0
     if pid_alive "$SLURMD_PID" slurmd; then
         log "slurmd already running (pid $(cat "$SLURMD_PID"))"
     else
         log "starting slurmd"
+        slurmd_started=$(date +%s)
         /usr/sbin/slurmd || die "slurmd failed to start; see /var/log/slurm/slurmd.log"
     fi
+    # registered_since EPOCH: slurmctld has heard from a slurmd started at or after EPOCH (a restarted
+    # slurmctld shows the node's saved state before the new slurmd registers its GPUs).
+    registered_since() {
+        local t
+        t=$(scontrol show node "$node" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2)
+        [[ -n $t && $t != None ]] && (( $(date -d "$t" +%s) >= $1 - 1 ))
+    }
 
     # Wait for the node to be idle (or busy with leftover jobs: mix/alloc).
     deadline=$(( $(date +%s) + WAIT ))
@@ -209,7 +252,7 @@ EOF
     while :; do
         state=$(sinfo -h -n "$node" -o %t 2>/dev/null | head -n1 || true)
         case $state in
-            idle|mix|alloc) break ;;
+            idle|mix|alloc) registered_since "$slurmd_started" && break ;;
             down|drain|drng|down\*|drain\*|fail|failg)
                 if ((resumed < 3)); then
                     log "node $node is '$state'; resuming it"
@@ -223,7 +266,9 @@ EOF
         fi
         sleep 0.2
     done
-    log "slurm up: node $node state $state"
+    gres=$(sinfo -h -n "$node" -o %G 2>/dev/null | head -n1)
+    [[ $gres == gpu:${N_GPUS}* ]] || die "node $node has gres '$gres', not gpu:${N_GPUS}; see /var/log/slurm/slurmd.log"
+    log "slurm up: node $node state $state, gres $gres"
     slurm_up=1
 fi
 
@@ -353,7 +398,7 @@ mv "$ENV_FILE.tmp" "$ENV_FILE"
 
 echo "cluster-up done in $(elapsed)s:"
 if ((slurm_up)); then
-    echo "  slurm:   node $(hostname -s) $(sinfo -h -n "$(hostname -s)" -o '%t cpus=%c' | head -n1); logs /var/log/slurm/, jobs in $JOBCOMP_LOG"
+    echo "  slurm:   node $(hostname -s) $(sinfo -h -n "$(hostname -s)" -o '%t cpus=%c gres=%G' | head -n1); logs /var/log/slurm/, jobs in $JOBCOMP_LOG"
 else
     echo "  slurm:   skipped (LEDGERBC_CI_NO_SLURM=1)"
 fi

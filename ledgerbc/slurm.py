@@ -43,8 +43,10 @@ def array_script() -> Path:
 def build_sbatch_argv(ledger, tasks: int, partition=None, time=None, gpus_per_task: int = 1, account=None,
                       cpus_per_task=None, mem=None, extra=(), run_args=()) -> list[str]:
     """The sbatch argv for an array of `tasks` workers on `ledger`; `extra` goes before the script
-    (sbatch options), `run_args` after the ledger (`ledgerbc run` options). `gpus_per_task=0` asks for
-    no GPU (it overrides the script's `--gpus-per-task=1`)."""
+    (sbatch options), `run_args` after the ledger (`ledgerbc run` options).
+
+    Each task is one worker: `--ntasks=1 --gpus-per-task=G` (Slurm refuses `--gpus-per-task` without
+    `--ntasks`). `gpus_per_task=0` asks for no GPU (it overrides the script's `--gpus-per-task=1`)."""
     if tasks < 1:
         raise BadInput(f"--tasks must be at least 1, not {tasks}.")
     if gpus_per_task < 0:
@@ -52,7 +54,7 @@ def build_sbatch_argv(ledger, tasks: int, partition=None, time=None, gpus_per_ta
     if cpus_per_task is not None and cpus_per_task < 1:
         raise BadInput(f"--cpus-per-task must be at least 1, not {cpus_per_task}.")
     argv = ["sbatch", "--parsable", f"--array=0-{tasks - 1}"]
-    for flag, value in (("--partition", partition), ("--time", time), ("--gpus-per-task", gpus_per_task),
+    for flag, value in (("--partition", partition), ("--time", time), ("--ntasks", 1), ("--gpus-per-task", gpus_per_task),
                         ("--account", account), ("--cpus-per-task", cpus_per_task), ("--mem", mem)):
         if value is not None and value != "":
             argv.append(f"{flag}={value}")
@@ -73,11 +75,26 @@ def run_sbatch(argv: list[str], timeout: float = SBATCH_TIMEOUT) -> str:
         raise SlurmError(f"{argv[0]} did not answer within {timeout:.0f}s. Check the cluster with `sinfo`, then retry.") from None
     if proc.returncode != 0:
         said = next((line.strip() for line in proc.stderr.splitlines() if line.strip()), "no message")
+        if _asks_for_gpus(argv) and _GRES_REFUSED.search(proc.stderr):
+            raise SlurmError(f"sbatch failed (exit status {proc.returncode}): {said}. This cluster (or partition) "
+                             "offers no GPUs as generic resources: submit with `--gpus-per-task 0`, or pick a GPU "
+                             "partition with `--partition`.")
         raise SlurmError(f"sbatch failed (exit status {proc.returncode}): {said}. Fix the sbatch options and resubmit.")
     job_id = proc.stdout.strip().split(";", 1)[0]
     if not re.fullmatch(r"\d+", job_id):
         raise SlurmError(f"sbatch printed {proc.stdout.strip()[:200]!r}, not a job id. Check `squeue --me` before resubmitting.")
     return job_id
+
+
+# What sbatch says when a job asks for a GPU on a cluster whose slurm.conf has no `GresTypes=gpu`
+# (Slurm 22.05: "Invalid generic resource (gres) specification").
+_GRES_REFUSED = re.compile(r"generic resource|\bgres\b", re.IGNORECASE)
+
+
+def _asks_for_gpus(argv: list[str]) -> bool:
+    """Whether the argv's last `--gpus-per-task` (sbatch takes the last one) asks for any GPU."""
+    asked = [a.split("=", 1)[1] for a in argv if a.startswith("--gpus-per-task=")]
+    return bool(asked) and asked[-1].strip() not in ("0", "")
 
 
 def submit(ledger, tasks: int, partition=None, time=None, gpus_per_task: int = 1, account=None,

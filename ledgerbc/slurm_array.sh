@@ -4,7 +4,9 @@
 #     sbatch --array=0-N slurm_array.sh LEDGER [ledgerbc run options]
 #
 # (`ledgerbc submit --tasks N+1` builds this call.) Options given to sbatch on its command line
-# override the defaults below, e.g. `--gpus-per-task=0` on a cluster without GPUs.
+# override the defaults below, e.g. `--gpus-per-task=0` on a cluster without GPUs. Each task is one
+# worker with one GPU: Slurm refuses `--gpus-per-task` without `--ntasks`, and sets the task's
+# CUDA_VISIBLE_DEVICES to the GPU it got.
 #
 # Environment:
 #   LEDGERBC_EXE   the ledgerbc executable to run (default: `ledgerbc` on PATH)
@@ -12,6 +14,7 @@
 # The job needs the environment the ledgerbc and dorado executables live in: sbatch passes the
 # submitting shell's environment on by default (--export=ALL).
 #SBATCH --job-name=ledgerbc
+#SBATCH --ntasks=1
 #SBATCH --gpus-per-task=1
 #SBATCH --signal=B:TERM@300
 #SBATCH --output=ledgerbc-%A_%a.out

@@ -42,8 +42,8 @@ class FakeSbatch:
             "with open(os.environ['FAKE_SBATCH_LOG'], 'a') as fh:\n"
             "    fh.write(json.dumps(sys.argv[1:]) + '\\n')\n"
             "if os.environ.get('FAKE_SBATCH_FAIL'):\n"
-            "    sys.stderr.write('sbatch: error: Batch job submission failed: Invalid account or account/partition "
-            "combination specified\\nsecond line\\n')\n"
+            "    sys.stderr.write(os.environ.get('FAKE_SBATCH_STDERR') or 'sbatch: error: Batch job submission failed: "
+            "Invalid account or account/partition combination specified\\nsecond line\\n')\n"
             "    sys.exit(1)\n"
             "print(os.environ.get('FAKE_SBATCH_OUT', '4242;ci'))\n",
             encoding="utf-8",
@@ -84,7 +84,7 @@ def test_golden_argv_every_option():
         cpus_per_task=8, mem="32G", extra=["--qos=high", "--constraint", "a100"], run_args=["--follow", "--idle-exit", "1h"],
     )
     assert argv == [
-        "sbatch", "--parsable", "--array=0-7", "--partition=gpu", "--time=12:00:00", "--gpus-per-task=2",
+        "sbatch", "--parsable", "--array=0-7", "--partition=gpu", "--time=12:00:00", "--ntasks=1", "--gpus-per-task=2",
         "--account=lab", "--cpus-per-task=8", "--mem=32G", "--qos=high", "--constraint", "a100",
         script, "/data/run 1/ledgerbc.db", "--follow", "--idle-exit", "1h",
     ]
@@ -92,10 +92,12 @@ def test_golden_argv_every_option():
 
 def test_golden_argv_defaults_and_no_gpu():
     script = str(slurm.array_script())
-    assert slurm.build_sbatch_argv("/l.db", 1) == ["sbatch", "--parsable", "--array=0-0", "--gpus-per-task=1", script, "/l.db"]
+    # one worker, one GPU per task: Slurm refuses --gpus-per-task without --ntasks on a node with GPU gres
+    assert slurm.build_sbatch_argv("/l.db", 1) == [
+        "sbatch", "--parsable", "--array=0-0", "--ntasks=1", "--gpus-per-task=1", script, "/l.db"]
     # 0 overrides the script's `#SBATCH --gpus-per-task=1` (verified on Slurm 22.05: no gres asked)
     assert slurm.build_sbatch_argv("/l.db", 3, gpus_per_task=0) == [
-        "sbatch", "--parsable", "--array=0-2", "--gpus-per-task=0", script, "/l.db"]
+        "sbatch", "--parsable", "--array=0-2", "--ntasks=1", "--gpus-per-task=0", script, "/l.db"]
 
 
 def test_relative_ledger_becomes_absolute(tmp_path, monkeypatch):
@@ -117,7 +119,8 @@ def test_array_script_is_installed_and_linked_at_top_level():
     assert top.is_symlink() and os.readlink(top) == "ledgerbc/slurm_array.sh"
     assert top.resolve() == script.resolve() or top.read_bytes() == script.read_bytes()
     directives = [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
-    assert directives == ["--job-name=ledgerbc", "--gpus-per-task=1", "--signal=B:TERM@300", "--output=ledgerbc-%A_%a.out"]
+    assert directives == ["--job-name=ledgerbc", "--ntasks=1", "--gpus-per-task=1", "--signal=B:TERM@300",
+                          "--output=ledgerbc-%A_%a.out"]
 
 
 def _run_script(tmp_path, *args, env_extra=None):
@@ -173,7 +176,7 @@ def test_submit_passes_a_hostile_ledger_path_verbatim(sbatch, hostile_ledger, tm
                     "--run-arg=--max-batches", "--run-arg", "3", "--", "--job-name=x y", "--qos=$(touch pwned)")
     assert result.exit_code == 0, result.output
     assert sbatch.calls() == [[
-        "--parsable", "--array=0-7", "--time=2", "--gpus-per-task=0", "--job-name=x y", "--qos=$(touch pwned)",
+        "--parsable", "--array=0-7", "--time=2", "--ntasks=1", "--gpus-per-task=0", "--job-name=x y", "--qos=$(touch pwned)",
         str(slurm.array_script()), str(hostile_ledger), "--max-batches", "3",
     ]]
     lines = result.stdout.splitlines()
@@ -214,6 +217,36 @@ def test_sbatch_failure_is_one_line_with_its_first_stderr_line(sbatch, hostile_l
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
     assert "sbatch failed (exit status 1): sbatch: error: Batch job submission failed: Invalid account" in result.stderr
     assert "second line" not in result.stderr
+
+
+def test_default_submit_sends_one_task_with_one_gpu(sbatch, hostile_ledger):
+    result = invoke("submit", "--ledger", hostile_ledger, "--tasks", 2)
+    assert result.exit_code == 0, result.output
+    assert sbatch.calls() == [["--parsable", "--array=0-1", "--ntasks=1", "--gpus-per-task=1",
+                               str(slurm.array_script()), str(hostile_ledger)]]
+
+
+# Slurm 22.05 on a cluster without `GresTypes=gpu` (the first line is all that is shown)
+GRES_REFUSED = "sbatch: error: Invalid generic resource (gres) specification\n"
+
+
+def test_gres_refusal_names_the_no_gpu_option(sbatch, hostile_ledger, monkeypatch):
+    monkeypatch.setenv("FAKE_SBATCH_FAIL", "1")
+    monkeypatch.setenv("FAKE_SBATCH_STDERR", GRES_REFUSED)
+    result = invoke("submit", "--ledger", hostile_ledger, "--tasks", 2)
+    assert result.exit_code == 10
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith(
+        "Error: sbatch failed (exit status 1): sbatch: error: Invalid generic resource (gres) specification. ")
+    assert "`--gpus-per-task 0`" in result.stderr
+
+
+def test_gres_refusal_without_a_gpu_request_gets_no_gpu_advice(sbatch, monkeypatch):
+    monkeypatch.setenv("FAKE_SBATCH_FAIL", "1")
+    monkeypatch.setenv("FAKE_SBATCH_STDERR", GRES_REFUSED)
+    with pytest.raises(errors.SlurmError) as caught:  # e.g. the user's own `-- --gres=...`
+        slurm.run_sbatch(slurm.build_sbatch_argv("/l.db", 2, gpus_per_task=0, extra=["--gres=foo:1"]))
+    assert "--gpus-per-task 0" not in str(caught.value) and "Fix the sbatch options" in str(caught.value)
 
 
 def test_missing_sbatch_is_one_line(hostile_ledger, tmp_path, monkeypatch):
