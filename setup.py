@@ -23,7 +23,9 @@ setup(
         "pysam>=0.22,<0.26",
         "isal>=1.6,<2",  # ISA-L deflate for fastq.gz and BAM outputs (writers.py falls back to zlib)
     ],
-    extras_require={"test": ["pytest>=7.4,<10"]},
+    # test-only: playwright drives Debian's chromium (never a browser of its own; see tests/clients.py).
+    # pycoQC and NanoPlot are test-only too, each in its own venv (ci/qc/*.txt), never dependencies here.
+    extras_require={"test": ["pytest>=7.4,<10", "playwright>=1.50,<2"]},
     entry_points={
         "console_scripts": [
             "ledgerbc=ledgerbc.cli:main",

@@ -95,7 +95,10 @@ for p in "${need[@]}"; do
 done
 if ((${#missing[@]})); then
     log "installing: ${missing[*]}"
-    apt-get update -qq >/dev/null || die "apt-get update failed"
+    # ci/test.sh may have updated the lists a moment ago (LEDGERBC_APT_UPDATED=1): once is enough.
+    if [[ ${LEDGERBC_APT_UPDATED:-0} != 1 ]]; then
+        apt-get update -qq >/dev/null || die "apt-get update failed"
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
     log "packages installed"
@@ -144,6 +147,8 @@ SlurmctldHost=${node}(127.0.0.1)
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire+1 s before it may start again (default 120 s): short for tests.
+AuthInfo=cred_expire=20
 CredType=cred/munge
 MpiDefault=none
 MailProg=/bin/true

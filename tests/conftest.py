@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+import clients
 from ledgerbc import db, models
 from ledgerbc.settings import Settings
 
@@ -63,3 +64,62 @@ def make_ledger(tmp_path):
         return ledger, settings
 
     return make
+
+
+# -- real clients of the outputs (tests/clients.py) ----------------------------------------------------------
+def need_client(tool: str) -> None:
+    """Skip the test when `tool` is missing here, with the reason; in CI a missing client fails it."""
+    try:
+        clients.check_available(tool)
+    except clients.ClientMissing as exc:
+        if clients.REQUIRED:
+            pytest.fail(f"real clients are required here (CI=true or LEDGERBC_REQUIRE_INTEGRATION=1) but {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def pycoqc():
+    """`pycoqc(summary, out_html, *args)`: the real pycoQC (its venv is built on first use)."""
+    need_client("pycoqc")
+    return clients.pycoqc
+
+
+@pytest.fixture(scope="session")
+def nanoplot():
+    """`nanoplot(summary, outdir, *args)`: the real `NanoPlot --summary` (its venv is built on first use)."""
+    need_client("nanoplot")
+    return clients.nanoplot
+
+
+@pytest.fixture(scope="session")
+def samtools():
+    """`samtools(*args)`: Debian's samtools."""
+    need_client("samtools")
+    return clients.samtools
+
+
+@pytest.fixture(scope="session")
+def _chromium():
+    need_client("chromium")
+    browser = clients.Browser()
+    yield browser
+    browser.close()
+
+
+class _TestBrowser:
+    """The session's Chromium, with screenshots under test-artifacts/<test>/."""
+
+    def __init__(self, browser: clients.Browser, folder):
+        self._browser, self.artifacts = browser, folder
+
+    def open(self, html_path, name: str = "page", serve=None, **kwargs) -> clients.PageLoad:
+        self._browser.artifacts = self.artifacts
+        return self._browser.open(html_path, name=name, serve=serve, **kwargs)
+
+
+@pytest.fixture
+def browser(_chromium, request):
+    """`browser.open(html_path, name="page", serve=None)` -> PageLoad: the page in headless Chromium with
+    ALL network blocked; `.console_errors`, `.left_page` (requests beyond the page), `.screenshot` (PNG
+    under test-artifacts/<test>/), `.title`, `.text`."""
+    return _TestBrowser(_chromium, clients.ARTIFACTS / clients.safe_name(request.node.nodeid.replace("::", "__")))

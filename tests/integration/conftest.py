@@ -23,6 +23,8 @@ from ledgerbc.testkit import install_fake_dorado
 
 ENV_FILE = Path("/run/ledgerbc-ci/env")
 JOBCOMP_LOG = Path(os.environ.get("LEDGERBC_TEST_JOBCOMP", "/var/log/slurm/jobcomp.log"))
+# jobcomp states of a task that will run again (`scontrol requeue` writes PENDING, then the next run's end)
+NOT_FINAL = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RUNNING", "SUSPENDED", "RESIZING"}
 
 
 def ci_env() -> dict[str, str]:
@@ -92,7 +94,8 @@ class Slurm:
 
     @staticmethod
     def task_records(job_id: str, offset: int) -> dict[int, dict[str, str]]:
-        """{array task id: jobcomp fields} of the tasks of `job_id` that ended."""
+        """{array task id: jobcomp fields} of the tasks of `job_id` that ended (for good: a requeued
+        task's record says PENDING and is followed by the record of its next run)."""
         try:
             with open(JOBCOMP_LOG, "rb") as fh:
                 fh.seek(offset)
@@ -103,7 +106,11 @@ class Slurm:
         for line in text.splitlines():
             fields = dict(re.findall(r"(\w+)=(\S*)", line))
             if fields.get("ArrayJobId") == job_id and fields.get("ArrayTaskId", "").isdigit():
-                records[int(fields["ArrayTaskId"])] = fields
+                task = int(fields["ArrayTaskId"])
+                if fields.get("JobState") in NOT_FINAL:
+                    records.pop(task, None)
+                else:
+                    records[task] = fields
         return records
 
     def wait_tasks(self, job_id: str, tasks: int, offset: int, timeout: float, logs: Path | None = None):
@@ -165,6 +172,24 @@ def bin_dir(tmp_path) -> Path:
     folder = tmp_path / "bin"
     install_fake_dorado(folder)
     return folder
+
+
+def install_gpu_probe(bin_dir: Path) -> Path:
+    """Put a `dorado` in `bin_dir` that writes the CUDA_VISIBLE_DEVICES it was started with to its stderr
+    (the batch log) before it execs the stand-in: evidence from dorado's side, beside the
+    `[ledgerbc] running: ... (CUDA_VISIBLE_DEVICES=<n>)` line that ledgerbc writes."""
+    standin = install_fake_dorado(bin_dir / "standin")
+    probe = bin_dir / "dorado"
+    probe.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = basecaller ]; then\n'
+        '  echo "[gpu-probe] dorado started with CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}" >&2\n'
+        "fi\n"
+        f'exec {shlex.quote(str(standin))} "$@"\n',
+        encoding="utf-8",
+    )
+    probe.chmod(0o755)
+    return probe
 
 
 def write_task_wrapper(bin_dir: Path, odd_ledger: Path) -> Path:
