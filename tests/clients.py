@@ -141,7 +141,10 @@ def samtools(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess
 def check_available(tool: str) -> None:
     """Raise ClientMissing unless `tool` (pycoqc, nanoplot, samtools, chromium) can run here."""
     if tool in QC_TOOLS:
-        tool_path(tool)
+        try:
+            tool_path(tool)
+        except OSError as exc:  # e.g. no room or no write access for the venv
+            raise ClientMissing(f"could not build the {tool} venv under {VENVS}: {exc}") from None
     elif tool == "samtools":
         if not shutil.which("samtools"):
             raise ClientMissing("samtools is not on PATH (Debian package `samtools`)")
