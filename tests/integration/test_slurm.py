@@ -204,6 +204,7 @@ def test_each_task_runs_dorado_on_its_own_gpu(slurm, bin_dir, tmp_path):
     per_task: dict[int, set[str]] = {}
     for batch_id, (gpu, argv) in gpus.items():
         assert argv[argv.index("--device") + 1] == "cuda:all"  # dorado takes every GPU it can see: the task's
+        assert rows[batch_id].gpus == gpu, "the ledger records the GPU each batch ran with"
         per_task.setdefault(task_of(rows[batch_id].worker_id, job), set()).add(gpu)
     assert all(len(v) == 1 for v in per_task.values()), f"a task changed GPU: {per_task}"
     gpu_of = {task: next(iter(v)) for task, v in per_task.items()}
