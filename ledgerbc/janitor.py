@@ -80,7 +80,13 @@ class Janitor:
             return None
         self._last_pass = now
         self._jitter = random.uniform(0.5, 1.5)
-        return self.run_pass()
+        try:
+            return self.run_pass()
+        except OSError as exc:
+            # A file or folder another client removed meanwhile (ESTALE on a network filesystem): the chore is
+            # retried at the next pass; a janitor's hiccup must never end a worker.
+            log.warning("janitor pass cut short: %s", exc)
+            return None
 
     def run_pass(self, one_shot: bool = False, force: bool = False) -> JanitorReport:
         report = JanitorReport()

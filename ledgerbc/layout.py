@@ -84,13 +84,7 @@ class Layout:
 
     def barcode_dirs(self) -> list[str]:
         """Names of the <barcode> folders under pass/ and fail/ (a barcoded study's outputs)."""
-        names = set()
-        for top in (self.pass_dir, self.fail_dir):
-            try:
-                names |= {e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False)}
-            except OSError:
-                pass
-        return sorted(names)
+        return sorted({e.name for top in (self.pass_dir, self.fail_dir) for e in entries(top) if is_dir(e)})
 
     def outputs_of(self, rel: str, emit: str, barcodes=None) -> list[Path]:
         """Every output file of input `rel` that exists on disk: pass/ and fail/ (per barcode in
@@ -111,12 +105,10 @@ class Layout:
 
     def staging_dirs(self):
         """Yield (batch id, path) for every batch staging folder."""
-        if not self.staging_root.is_dir():
-            return
-        for entry in self.staging_root.iterdir():
+        for entry in entries(self.staging_root):
             head = entry.name.split(".", 1)[0]
             if head.isdigit():
-                yield int(head), entry
+                yield int(head), Path(entry.path)
 
     def log(self, batch_id: int) -> Path:
         return self.logs / f"{batch_id}.log"
@@ -124,15 +116,30 @@ class Layout:
     def assigned_dirs(self):
         """Yield (batch id, worker id, path) for every ASSIGNED_ folder in the work tree (complete ones:
         a folder still being made has a hidden temp name)."""
-        if not self.work.is_dir():
-            return
-        for entry in self.work.iterdir():
+        for entry in entries(self.work):
             m = _ASSIGNED.match(entry.name)
-            if m and entry.is_dir():
-                yield int(m.group(1)), m.group(2), entry
+            if m and is_dir(entry):
+                yield int(m.group(1)), m.group(2), Path(entry.path)
 
     def assigned_dirs_for(self, batch_id: int) -> list[Path]:
         return [path for b, _w, path in self.assigned_dirs() if b == batch_id]
+
+
+def entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of a folder, [] when it is missing. On a network filesystem another client may remove a
+    folder while it is listed (ESTALE, ENOENT): such a folder is simply gone, never an error."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError:
+        return []
+
+
+def is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:  # removed meanwhile by another client (ESTALE)
+        return False
 
 
 def link_name(index: int, rel: str) -> str:
