@@ -1,35 +1,113 @@
 """The `ledgerbc` command: parse, call one library function, print. No SQL here.
 
-Every option can also be given as `LEDGERBC_<OPTION>` in the environment (e.g. LEDGERBC_LEDGER).
-Exit codes are those of `ledgerbc.errors` (documented in the README).
+Every option can also be given as `LEDGERBC_<OPTION>` in the environment (e.g. LEDGERBC_LEDGER), except
+the flags in NO_ENV. Exit codes are those of `ledgerbc.errors` (documented in the README); every error,
+a bad option value included, is one `Error: ...` line. Only click and light modules are imported here:
+each command imports what it uses, so `--help` and the error paths answer at once.
 """
 
+import contextlib
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import click
 
-from . import __version__, errors
+from . import __version__, errors, progress
 from .units import parse_duration, parse_size
+
+# Flags never read from the environment: a `LEDGERBC_FORCE=1` left in a shell (or inherited by a Slurm job)
+# must not turn a routine command into a destructive or wider one. Documented in the README.
+NO_ENV = frozenset({"--force", "--rebuild", "--partial", "--all-failed"})
+USAGE = 2  # click's own code for a command line it cannot parse (unknown option, missing argument)
 
 
 def opt(*names, **kwargs):
-    """A click option that can also come from LEDGERBC_<NAME>."""
+    """A click option that can also come from LEDGERBC_<NAME> (unless it is in NO_ENV)."""
     long = next(n for n in names if n.startswith("--"))
-    kwargs.setdefault("envvar", "LEDGERBC_" + long[2:].replace("-", "_").upper())
-    kwargs.setdefault("show_envvar", True)
+    if long not in NO_ENV:
+        kwargs.setdefault("envvar", "LEDGERBC_" + long[2:].replace("-", "_").upper())
+        kwargs.setdefault("show_envvar", True)
     return click.option(*names, **kwargs)
 
+
+class Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_duration(value)
+        except errors.BadInput as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value)
+        except errors.BadInput as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Whole(click.ParamType):
+    """A whole number of at least `minimum`."""
+
+    name = "N"
+
+    def __init__(self, minimum: int):
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"'{value}' is not a whole number. Give one of at least {self.minimum}, like {self.minimum + 1}.",
+                      param, ctx)
+        if number < self.minimum:
+            self.fail(f"{number} is too small. Give {self.minimum} or more.", param, ctx)
+        return number
+
+
+DURATION, SIZE = Duration(), Size()
 
 ledger_option = opt("--ledger", "ledger_path", type=click.Path(dir_okay=True, path_type=Path),
                     help="The ledger file (default: $LEDGERBC_LEDGER).")
 
 
+def one_line(exc: click.UsageError) -> click.ClickException:
+    """Click's usage errors as one `Error: ...` line (never the usage block): a bad option value exits 3
+    (bad input, as when the library refuses a value), a command line click cannot parse exits 2."""
+    ctx = exc.ctx
+    where = ctx.command_path if ctx is not None else "ledgerbc"
+    if isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter) and exc.param is not None:
+        param = exc.param
+        name = param.human_readable_name if param.param_type_name == "argument" else max(param.opts, key=len)
+        if ctx is not None and ctx.get_parameter_source(param.name) == click.core.ParameterSource.ENVIRONMENT:
+            name = f"{name} (from {param.envvar})"
+        error = click.ClickException(f"invalid value for {name}: {exc.message}")
+        error.exit_code = errors.BadInput.exit_code
+        return error
+    message = exc.format_message().strip()
+    message = message[:1].lower() + message[1:] + ("" if message.endswith((".", "?")) else ".")
+    error = click.ClickException(f"{message} See `{where} --help`.")
+    error.exit_code = USAGE
+    return error
+
+
 class LedgerGroup(click.Group):
-    """Turns every LedgerError into one `Error: ...` line and its exit code; tracebacks only with --debug."""
+    """Turns every LedgerError into one `Error: ...` line and its exit code; tracebacks only with --debug.
+    Click's usage errors become one line too (`one_line`)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise one_line(exc) from None
 
     def invoke(self, ctx):
         try:
@@ -39,6 +117,10 @@ class LedgerGroup(click.Group):
                 traceback.print_exc()
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise one_line(exc) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -63,49 +145,23 @@ def cli(ctx, debug):
     ctx.meta["ledgerbc.debug"] = debug
 
 
-def open_ledger(ledger_path):
-    from .db import Ledger
-
+def ledger_path_given(ledger_path) -> Path:
+    """The --ledger path, or the one-line error (exit 4) when neither --ledger nor LEDGERBC_LEDGER is set."""
     if ledger_path is None:
-        raise errors.BadInput(
+        raise errors.LedgerNotFound(
             "no ledger given. Pass --ledger PATH or set LEDGERBC_LEDGER (`ledgerbc init` prints the line)."
         )
-    return Ledger(ledger_path)
+    return Path(ledger_path)
 
 
-def _duration(ctx, param, value):
-    try:
-        return None if value is None else parse_duration(value)
-    except errors.BadInput as exc:
-        raise click.BadParameter(str(exc)) from None
+def open_ledger(ledger_path):
+    """The ledger at --ledger, refused before anything is imported or created beside it when it is not one."""
+    from . import ledgerfile
 
+    path = ledgerfile.check(ledger_path_given(ledger_path))
+    from .db import Ledger
 
-def _size(ctx, param, value):
-    try:
-        return None if value is None else parse_size(value)
-    except errors.BadInput as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _progress(label):
-    """A progress callback for long scans: a bar on a terminal, silence otherwise."""
-    if not sys.stderr.isatty():
-        return None, None
-    state = {}
-
-    def update(done, total):
-        if "bar" not in state and total >= 200:
-            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
-            state["bar"].__enter__()
-        if "bar" in state:
-            state["bar"].update(done - state.get("n", 0))
-            state["n"] = done
-
-    def close():
-        if "bar" in state:
-            state["bar"].__exit__(None, None, None)
-
-    return update, close
+    return Ledger(path)
 
 
 # -- init / scan / status ----------------------------------------------------------------------------
@@ -114,19 +170,24 @@ def _progress(label):
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @ledger_option
 @opt("--model", default="hac", show_default=True, help="dorado model name or path.")
-@opt("--batch-files", type=int, default=None, help="Files per batch (instead of --batch-size).")
-@opt("--batch-size", default="20G", show_default=True, callback=_size, help="Bytes of pod5 per batch.")
-@opt("--lease", default="15m", show_default=True, callback=_duration, help="A batch without heartbeat this long is redone.")
-@opt("--heartbeat", default="60s", show_default=True, callback=_duration)
-@opt("--clock-skew", default="60s", show_default=True, callback=_duration, help="Margin for clocks of nodes.")
-@opt("--max-attempts", default=3, show_default=True, type=int)
+@opt("--batch-files", type=Whole(1), default=None, help="Files per batch (instead of --batch-size).")
+@opt("--batch-size", default="20G", show_default=True, type=SIZE, help="Bytes of pod5 per batch, e.g. 20G or 500M.")
+@opt("--lease", default="15m", show_default=True, type=DURATION,
+     help="A batch without a heartbeat this long is redone elsewhere (90s, 15m, 2h).")
+@opt("--heartbeat", default="60s", show_default=True, type=DURATION,
+     help="How often a worker renews the lease of its batch; well under --lease.")
+@opt("--clock-skew", default="60s", show_default=True, type=DURATION,
+     help="Margin for nodes whose clocks differ, added to --lease before a batch is redone.")
+@opt("--max-attempts", default=3, show_default=True, type=Whole(1),
+     help="Tries per file (a lost or crashed batch counts one) before the file is failed.")
 @opt("--min-qscore", default=0.0, show_default=True, type=float, help="Reads below go to fail/.")
-@opt("--emit", type=click.Choice(["fastq", "fastq.gz", "bam"]), default="fastq", show_default=True)
+@opt("--emit", type=click.Choice(["fastq", "fastq.gz", "bam"]), default="fastq", show_default=True,
+     help="Output format of pass/ and fail/ files (bam keeps every dorado tag).")
 @opt("--dorado", default="dorado", show_default=True, help="The dorado executable.")
 @opt("--dorado-arg", "dorado_args", multiple=True, help="Extra argument for dorado (repeatable).")
 @opt("--models-directory", default=None, help="dorado --models-directory (GPU nodes are often offline).")
-@opt("--batch-timeout", default=None, callback=_duration, help="Kill dorado after this long on one batch.")
-@opt("--settle", default="60s", show_default=True, callback=_duration, help="Follow mode: unchanged this long = complete.")
+@opt("--batch-timeout", default=None, type=DURATION, help="Kill dorado after this long on one batch.")
+@opt("--settle", default="60s", show_default=True, type=DURATION, help="Follow mode: unchanged this long = complete.")
 def init(input_dir, output_dir, ledger_path, model, batch_files, batch_size, lease, heartbeat, clock_skew,
          max_attempts, min_qscore, emit, dorado, dorado_args, models_directory, batch_timeout, settle):
     """Create the ledger for INPUT_DIR's pod5 files, outputs under OUTPUT_DIR, and scan."""
@@ -139,17 +200,25 @@ def init(input_dir, output_dir, ledger_path, model, batch_files, batch_size, lea
         max_attempts=max_attempts, min_qscore=min_qscore, emit=emit, dorado=dorado, dorado_args=list(dorado_args),
         models_directory=models_directory, batch_timeout=batch_timeout, settle=settle,
     )
-    update, close = _progress("scanning")
-    try:
+    with scanning() as update:
         path, report, warnings = init_ledger(settings, ledger_path, progress=update)
-    finally:
-        if close:
-            close()
     for w in warnings + report.warnings:
         click.echo(f"Warning: {w}", err=True)
     click.echo(f"ledger created: {path}")
     click.echo(report.summary())
+    click.echo("next: `ledgerbc doctor` (filesystem, locks, clock, dorado), then `ledgerbc submit --tasks N` "
+               "(N workers, one GPU each)")
     click.echo(f"export LEDGERBC_LEDGER={_shell_quote(path)}")
+
+
+@contextlib.contextmanager
+def scanning(label: str = "scanning"):
+    """A `progress(done, total)` callback for a long operation: in place on a terminal, silent in a log."""
+    counter = progress.Counter(label)
+    try:
+        yield counter
+    finally:
+        counter.close()
 
 
 def _shell_quote(path) -> str:
@@ -162,15 +231,11 @@ def _shell_quote(path) -> str:
 @ledger_option
 def scan(ledger_path):
     """Add new complete pod5 files to the ledger (idempotent)."""
+    ledger = open_ledger(ledger_path)  # first: a wrong path is refused before the heavy imports
     from .scan import Scanner
 
-    ledger = open_ledger(ledger_path)
-    update, close = _progress("scanning")
-    try:
+    with scanning() as update:
         report = Scanner(ledger, ledger.read_settings()).scan(progress=update)
-    finally:
-        if close:
-            close()
     for w in report.warnings:
         click.echo(f"Warning: {w}", err=True)
     click.echo(report.summary())
@@ -179,21 +244,27 @@ def scan(ledger_path):
 @cli.command()
 @ledger_option
 @opt("--json", "as_json", is_flag=True, help="Machine-readable (schema in the README).")
-@opt("--watch", default=None, callback=_duration, help="Refresh every SECONDS until interrupted.")
+@opt("--watch", default=None, type=DURATION, help="Redraw every SECONDS until interrupted (Ctrl-C).")
 def status(ledger_path, as_json, watch):
     """Progress, workers, failures and duplicates."""
+    ledger = open_ledger(ledger_path)
     from . import status as status_mod
 
-    ledger = open_ledger(ledger_path)
-    while True:
+
+    def text():
         data = status_mod.report(ledger)
-        text = json.dumps(data, indent=2) if as_json else status_mod.render(data)
-        if watch and sys.stdout.isatty():
-            click.clear()
-        click.echo(text)
-        if not watch:
-            return
-        time.sleep(watch)
+        return json.dumps(data, indent=2) if as_json else status_mod.render(data)
+
+    if not watch:
+        click.echo(text())
+        return
+    screen = progress.Screen()
+    try:
+        while True:
+            screen.show(text())
+            time.sleep(watch)
+    except KeyboardInterrupt:  # how a watch ends: not an error
+        return
 
 
 @cli.command()
@@ -202,12 +273,12 @@ def status(ledger_path, as_json, watch):
 @click.argument("files", nargs=-1)
 def retry(ledger_path, all_failed, files):
     """Queue failed files again (all, or those named by their path relative to INPUT_DIR)."""
+    ledger = open_ledger(ledger_path)
     from .claim import retry_failed
     from .scan import Scanner
 
     if not all_failed and not files:
         raise errors.BadInput("name the files to retry, or pass --all-failed.")
-    ledger = open_ledger(ledger_path)
     n = retry_failed(ledger, None if all_failed else list(files))
     report = Scanner(ledger, ledger.read_settings()).scan()  # re-checks files that failed admission
     click.echo(f"{n} failed files queued again; {report.summary()}")
@@ -218,25 +289,28 @@ def retry(ledger_path, all_failed, files):
 @opt("--worker-id", default=None, help="Default: <array job>_<task>@<host>, or <pid>@<host> off Slurm.")
 @opt("--device", default=None, help="dorado --device, e.g. cuda:0 (default: dorado's own choice).")
 @opt("--follow", is_flag=True, help="Keep scanning for new files while the sequencer writes.")
-@opt("--idle-exit", default=None, callback=_duration, help="With --follow: exit after this long with nothing new.")
-@opt("--max-batches", default=None, type=int, help="Exit after this many batches.")
-@opt("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@opt("--idle-exit", default=None, type=DURATION, help="With --follow: exit after this long with nothing new.")
+@opt("--max-batches", default=None, type=Whole(1), help="Exit after this many batches.")
+@opt("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+     help="How much the worker logs (to stderr: the Slurm task's log).")
 @click.pass_context
 def run(ctx, ledger_path, worker_id, device, follow, idle_exit, max_batches, log_level):
     """The worker loop: claim, basecall, publish, until no work is left. What slurm_array.sh execs."""
     import logging
 
     from .layout import WORKER_ID_OK
-    from .run import StopFlag, Worker, WorkerOptions
 
     if worker_id is not None and not WORKER_ID_OK.match(worker_id):
         raise errors.BadInput(f"--worker-id '{worker_id}' may only hold letters, digits and . _ @ : + -")
+    ledger = open_ledger(ledger_path)
+    from .run import StopFlag, Worker, WorkerOptions
+
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     stop = StopFlag()
     stop.install()
     worker = Worker.open(
-        open_ledger(ledger_path),
+        ledger,
         WorkerOptions(worker_id=worker_id, device=device, follow=follow, idle_exit=idle_exit, max_batches=max_batches),
         stop=stop,
     )
@@ -251,20 +325,22 @@ def run(ctx, ledger_path, worker_id, device, follow, idle_exit, max_batches, log
 @opt("--force", is_flag=True, help="Reclaim every running batch, expired or not (after a cluster-wide crash).")
 def recover(ledger_path, rebuild, input_dir, output_dir, force):
     """Reclaim expired batches, clean dead work folders, reconcile the ledger with the outputs."""
-    from . import janitor
-
     if rebuild:
-        from .rebuild import rebuild_ledger
-
         if not input_dir or not output_dir:
             raise errors.BadInput("--rebuild needs --input DIR and --output DIR (the folders given to init).")
-        path, lines = rebuild_ledger(input_dir, output_dir, ledger_path)
+        from .rebuild import rebuild_ledger
+
+        with scanning() as update:
+            path, lines = rebuild_ledger(input_dir, output_dir, ledger_path, progress=update)
         for line in lines:
             click.echo(line)
         click.echo(f"ledger rebuilt: {path}")
         click.echo(f"export LEDGERBC_LEDGER={_shell_quote(path)}")
         return
-    report = janitor.recover(open_ledger(ledger_path), force=force)
+    ledger = open_ledger(ledger_path)
+    from . import janitor
+
+    report = janitor.recover(ledger, force=force)
     for line in report.lines():
         click.echo(line)
 
@@ -273,9 +349,9 @@ def recover(ledger_path, rebuild, input_dir, output_dir, force):
 @ledger_option
 def upgrade(ledger_path):
     """Upgrade a ledger written by an older ledgerbc (stop all workers first; a backup is kept)."""
+    ledger = open_ledger(ledger_path)
     from .migrate import upgrade_ledger
 
-    ledger = open_ledger(ledger_path)
     before, after, backup = upgrade_ledger(ledger)
     if before == after:
         click.echo(f"ledger is already at schema {after}")
@@ -286,8 +362,8 @@ def upgrade(ledger_path):
 @cli.command()
 @opt("--dir", "folder", default="demo-run", show_default=True, type=click.Path(path_type=Path),
      help="Where the demo's input, output and ledger go.")
-@opt("--workers", default=4, show_default=True, type=int, help="Local worker processes.")
-@opt("--files", default=60, show_default=True, type=int, help="Synthetic pod5 files to add.")
+@opt("--workers", default=4, show_default=True, type=Whole(1), help="Local worker processes.")
+@opt("--files", default=60, show_default=True, type=Whole(0), help="Synthetic pod5 files to add.")
 @opt("--testdata", default=None, type=click.Path(path_type=Path), help="Real pod5 folder to include "
      "(default: ../shared/testdata/real-pod5 when present).")
 @click.pass_context
@@ -302,12 +378,13 @@ def demo(ctx, folder, workers, files, testdata):
 # -- Slurm and health ----------------------------------------------------------------------------------
 @cli.command()
 @ledger_option
-@opt("--tasks", type=int, required=True, help="Array tasks (workers) to start.")
+@opt("--tasks", type=Whole(1), required=True, help="Array tasks (workers) to start.")
 @opt("--partition", default=None, help="sbatch --partition.")
 @opt("--time", default=None, help="sbatch --time (per task), e.g. 12:00:00.")
-@opt("--gpus-per-task", default=1, show_default=True, type=int, help="0: ask for no GPU.")
+@opt("--gpus-per-task", default=1, show_default=True, type=Whole(0),
+     help="GPUs per task (Slurm gres); 0 on a cluster without GPU gres.")
 @opt("--account", default=None, help="sbatch --account.")
-@opt("--cpus-per-task", default=None, type=int, help="sbatch --cpus-per-task.")
+@opt("--cpus-per-task", default=None, type=Whole(1), help="sbatch --cpus-per-task.")
 @opt("--mem", default=None, help="sbatch --mem, e.g. 32G.")
 @opt("--run-arg", "run_args", multiple=True,
      help="An option for every task's `ledgerbc run` (repeatable), e.g. --run-arg=--follow.")
@@ -316,9 +393,9 @@ def submit(ledger_path, tasks, partition, time, gpus_per_task, account, cpus_per
     """Submit a Slurm array of workers (slurm_array.sh); sbatch options after `--` go to sbatch."""
     import shlex
 
-    from . import slurm
+    from . import ledgerfile, slurm
 
-    ledger = open_ledger(ledger_path).path
+    ledger = ledgerfile.check(ledger_path_given(ledger_path)).absolute()
     options = dict(partition=partition, time=time, gpus_per_task=gpus_per_task, account=account,
                    cpus_per_task=cpus_per_task, mem=mem, extra=extra, run_args=run_args)
     job_id = slurm.submit(ledger, tasks, **options)
@@ -333,8 +410,9 @@ def submit(ledger_path, tasks, partition, time, gpus_per_task, account, cpus_per
 def doctor(ctx, ledger_path):
     """Check the ledger's filesystem (mount, locks), clock, content, and dorado with its model."""
     from . import doctor as doctor_mod
+    from .db import Ledger
 
-    checks = doctor_mod.run_checks(open_ledger(ledger_path))
+    checks = doctor_mod.run_checks(Ledger(ledger_path_given(ledger_path)))  # doctor reports a bad path itself
     for check in checks:
         click.echo(check.line())
     ctx.exit(doctor_mod.exit_code(checks))

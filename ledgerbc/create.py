@@ -4,7 +4,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import db
+from . import db, dorado
 from .durable import fsync_dir
 from .errors import AlreadyInitialized, BadInput
 from .layout import Layout
@@ -50,6 +50,9 @@ def init_ledger(settings: Settings, ledger_path: Path | None = None, progress=No
     settings.input_dir = str(check_input_dir(Path(settings.input_dir)))
     settings.output_dir = str(check_output_dir(Path(settings.output_dir)))
     warnings = settings.validate()
+    missing = dorado.missing_warning(settings)
+    if missing:
+        warnings.append(missing)
     layout = Layout(Path(settings.output_dir))
     ledger_path = Path(ledger_path).absolute() if ledger_path else layout.default_ledger
     if ledger_path.is_dir():

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import NullPool
 
-from . import errors, models
+from . import errors, ledgerfile, models
 from .durable import fsync_path
 
 LOCK_POLL = float(os.environ.get("LEDGERBC_LOCK_POLL", "0.01"))  # seconds between attempts at a held lock (jittered)
@@ -244,6 +244,7 @@ class Ledger:
         self._turnstile = _Turnstile(Path(str(self.path) + ".turnstile"))
         self._engine = None
         self._schema_checked = False
+        self._file_checked = False
         self.lock_trust = LOCK_TRUST
         self._locked_at: float | None = None
         # Janitor stall rule: `contact_since` is when this process's current run of uninterrupted ledger
@@ -251,6 +252,13 @@ class Ledger:
         self.last_contact: float | None = None
         self.contact_since: float | None = None
         self.stall_gap: float = float("inf")
+
+    def check_file(self) -> None:
+        """Refuse a path that is not an SQLite file (missing, a folder, README.md) before the first lock:
+        the lock and turnstile files are created beside the ledger only once it is one (ledgerfile.py)."""
+        if not self._file_checked:
+            ledgerfile.check(self.path)
+            self._file_checked = True
 
     # -- locking -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -323,13 +331,7 @@ class Ledger:
         a failed COMMIT, a lock that may have been lost): it must take back `fn`'s side effects outside the
         database (a publication's renames).
         """
-        if not self.path.exists():
-            raise errors.LedgerNotFound(
-                f"no ledger at {self.path}. Create it with `ledgerbc init`, or rebuild a lost one "
-                "with `ledgerbc recover --rebuild --input DIR --output DIR`."
-            )
-        if self.path.is_dir():
-            raise errors.BadInput(f"the ledger path {self.path} is a folder. Give the ledger file's path.")
+        self.check_file()
         busy = io = lost = 0
         while True:
             try:
@@ -433,8 +435,7 @@ class Ledger:
         Unlike `transact`, it does not refuse an old or newer schema: doctor reports it. Raises
         LedgerNotFound or LedgerCorrupt when the file is missing or not a database.
         """
-        if not self.path.is_file():
-            raise errors.LedgerNotFound(f"no ledger at {self.path}. Create it with `ledgerbc init`.")
+        self.check_file()
         try:
             with self.locked():
                 with self._get_engine().connect() as conn, conn.begin():

@@ -13,17 +13,38 @@ import sys
 import time
 from pathlib import Path
 
-from . import status
+from . import progress, status
 from .testkit import install_fake_dorado, synth
 from .create import init_ledger
 from .db import Ledger
 from .errors import BadInput
 from .settings import Settings
 
+POLL = 1.0  # seconds between two looks at the ledger while the workers run
+PROGRESS_LOG_EVERY = 30.0  # off a terminal (a log file): one progress line this often at most
+
 SIMULATED_NOTE = (
     "SIMULATED BASECALLS: no `dorado` was found on PATH, so this run used ledgerbc's stand-in basecaller.\n"
     "Read ids, file bookkeeping and the ledger protocol are real; sequences and qualities are synthetic.\n"
 )
+
+
+def progress_line(data: dict, elapsed: float) -> str:
+    """`files done/total, reads out, throughput` from a status report, for the demo's progress line."""
+    files, reads = data["files"], data["reads"]
+    total = files["total"] - files["duplicate"]
+    rate = files["done"] / elapsed if elapsed > 0 else 0.0
+    return (f"progress: {files['done']}/{total} files done, {files['failed']} failed, {reads['out']} reads out, "
+            f"{rate:.1f} files/s, {elapsed:.0f}s")
+
+
+def watch_workers(procs, ledger, started: float, ticker) -> list[int]:
+    """Wait for the worker processes, showing progress meanwhile; their exit codes."""
+    while any(p.poll() is None for p in procs):
+        ticker.update(progress_line(status.report(ledger), time.monotonic() - started))
+        time.sleep(POLL)
+    ticker.close(progress_line(status.report(ledger), time.monotonic() - started))
+    return [p.wait() for p in procs]
 
 
 def default_testdata() -> Path | None:
@@ -74,9 +95,10 @@ def run_demo(folder: Path, workers: int = 4, files: int = 60, testdata: Path | N
         )
         for i in range(workers)
     ]
-    codes = [p.wait() for p in procs]
+    ledger = Ledger(ledger_path)
+    codes = watch_workers(procs, ledger, started, progress.Ticker(sys.stdout, tty_every=0.0, log_every=PROGRESS_LOG_EVERY))
     echo(f"workers finished in {time.monotonic() - started:.1f}s with exit codes {codes}")
-    data = status.report(Ledger(ledger_path))
+    data = status.report(ledger)
     echo(status.render(data))
     echo(f"outputs: {output_dir}/pass and {output_dir}/fail; ledger: export LEDGERBC_LEDGER={ledger_path}")
     refused = [f for f in data["failed"] if is_chemistry_refusal(f["error"])]

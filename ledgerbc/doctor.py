@@ -8,6 +8,7 @@ The mount checks live in `mounts.py` (also used by `run` and `submit`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -253,15 +254,37 @@ def run_checks(ledger, mountinfo: str | None = None) -> list[Check]:
     if not folder.is_dir():
         return [Check(FAIL, "ledger", f"the folder {folder} of the ledger does not exist. Give the right --ledger.",
                       errors.LedgerNotFound.exit_code)]
-    checks = [mount_check(folder, mountinfo), lock_check(ledger)]
-    content, settings = ([Check(FAIL, "ledger", f"no ledger at {ledger.path}. Create it with `ledgerbc init`, or "
-                                "rebuild a lost one with `ledgerbc recover --rebuild --input DIR --output DIR`.",
-                                errors.LedgerNotFound.exit_code)], None) if not ledger.path.is_file() else ledger_checks(ledger)
+    try:
+        ledger.check_file()  # before any lock: nothing may be created beside something that is not a ledger
+        problem = None
+    except errors.LedgerError as exc:
+        problem = Check(FAIL, "ledger", str(exc), exc.exit_code)
+    checks = [mount_check(folder, mountinfo)]
+    if problem is None:
+        checks.append(lock_check(ledger))
+    else:  # the folder's locks are still worth knowing (where a ledger would go), on a name removed after
+        with _scratch_ledger(folder) as scratch:
+            checks.append(lock_check(scratch))
+    content, settings = ([problem], None) if problem else ledger_checks(ledger)
     checks.append(clock_check(folder, settings.clock_skew if settings else DEFAULT_CLOCK_SKEW))
     checks += content
     if settings is not None:
         checks += dorado_checks(settings)
     return checks
+
+
+@contextlib.contextmanager
+def _scratch_ledger(folder):
+    """A ledger name in `folder` that is never created, for the lock probe where there is no ledger: its
+    lock and turnstile files are removed afterwards, so doctor leaves the folder as it found it."""
+    from .db import Ledger
+
+    scratch = Ledger(Path(folder) / f".ledgerbc-lock-probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+        yield scratch
+    finally:
+        for leftover in (scratch.lock_path, Path(f"{scratch.path}.turnstile")):
+            leftover.unlink(missing_ok=True)
 
 
 def exit_code(checks: list[Check]) -> int:

@@ -36,6 +36,14 @@ def find_executable(settings) -> str:
     return found
 
 
+def missing_warning(settings) -> str | None:
+    """A warning for `init` when dorado is not found here (it may still be on the GPU nodes' PATH)."""
+    if shutil.which(settings.dorado):
+        return None
+    return (f"dorado ('{settings.dorado}') is not found on PATH here; every worker needs it on its own. Provide it "
+            "with `module load dorado` (in the job too), or init with `--dorado PATH`; `ledgerbc doctor` checks it.")
+
+
 class DoradoProcess:
     """One dorado run: started in its own session so the whole process group can be stopped."""
 

@@ -28,8 +28,7 @@ def current_revision(path) -> str | None:
 
 def upgrade_ledger(ledger):
     """Returns (revision before, revision after, backup path or None)."""
-    if not ledger.path.is_file():  # before locking: no stray .lock beside a ledger that is not there
-        raise LedgerNotFound(f"no ledger at {ledger.path}. Give the ledger's path with --ledger.")
+    ledger.check_file()  # before locking: no stray .lock beside something that is not a ledger
     with ledger.locked():
         before = current_revision(ledger.path)
         head = schema.head_revision()

@@ -33,8 +33,9 @@ from .settings import Settings
 ID_MARGIN = 1000  # batch ids possibly handed out without leaving a trace on disk yet
 
 
-def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time):
-    """Rebuild the ledger; returns (ledger path, lines describing what was found)."""
+def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time, progress=None):
+    """Rebuild the ledger; returns (ledger path, lines describing what was found). `progress(done, total)`
+    follows the scan of INPUT_DIR, its longest part."""
     input_dir = check_input_dir(Path(input_dir))
     output_dir = check_output_dir(Path(output_dir))
     try:
@@ -55,7 +56,7 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time):
     try:
         db.create_ledger_file(tmp, settings)
         aside = db.Ledger(tmp, clock=clock)
-        Scanner(aside, settings).scan()
+        Scanner(aside, settings).scan(progress=progress)
         rows = aside.transact(lambda c: c.execute(sa.select(Pod5File.id, Pod5File.rel_path)).all())
         counts = {r.rel_path: _count(layout, settings.emit, r.rel_path) for r in rows
                   if layout.pass_path(r.rel_path, settings.emit).exists()}

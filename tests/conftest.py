@@ -1,33 +1,62 @@
-"""Fixtures shared across test modules. Keep each one small; several test files add theirs here."""
+"""Fixtures shared across test modules (the helpers they use are in helpers.py). Keep each one small."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
 
 import clients
+from helpers import HEARTBEAT, LEASE, SKEW, T0, FakeClock, Study
 from ledgerbc import db, models
+from ledgerbc.create import init_ledger
+from ledgerbc.layout import Layout
 from ledgerbc.settings import Settings
+from ledgerbc.testkit.synth import make_dataset
+
+# What the test harness itself reads (CI's switches, the cluster's addresses): kept. Every other LEDGERBC_*
+# is an option or a knob of the product, which a developer's shell must not slip into a test.
+HARNESS_PREFIXES = ("LEDGERBC_TEST_", "LEDGERBC_REQUIRE_", "LEDGERBC_CI_")
 
 
-class FakeClock:
-    """An injectable clock (`Ledger(path, clock=...)`): lease expiry is tested by moving it, not by sleeping."""
-
-    def __init__(self, start: float = 1_000_000.0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
+@pytest.fixture(autouse=True)
+def _no_ledgerbc_env(monkeypatch):
+    """Every test starts without the developer's LEDGERBC_* (LEDGERBC_LEDGER, ...); subprocesses inherit that."""
+    for key in list(os.environ):
+        if key.startswith("LEDGERBC_") and not key.startswith(HARNESS_PREFIXES):
+            monkeypatch.delenv(key)
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A Study (helpers.py): folders, the stand-in dorado; its worker processes are killed at the end."""
+    s = Study(tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def clocked_study(tmp_path):
+    """Six small pod5 files, a ledger (batches of 3, at most 2 attempts) and a FakeClock; no subprocess."""
+    input_dir, output_dir = tmp_path / "in", tmp_path / "out"
+    reads = make_dataset(input_dir, 6, seed=11, hostile_names=False, size_spread=False)
+    settings = Settings(
+        input_dir=str(input_dir), output_dir=str(output_dir), batch_files=3, batch_bytes=None,
+        lease=LEASE, heartbeat=HEARTBEAT, clock_skew=SKEW, max_attempts=2,
+    )
+    path, report, _ = init_ledger(settings)
+    assert report.added == 6
+    return SimpleNamespace(
+        path=path, reads=reads, settings=db.Ledger(path).read_settings(), clock=FakeClock(T0),
+        layout=Layout(output_dir), tmp=tmp_path, input=input_dir, output=output_dir,
+    )
 
 
 def add_pending_rows(ledger: db.Ledger, sizes, start: int = 0, now: float = 0.0) -> None:

@@ -1,5 +1,6 @@
-"""Shared helpers for the worker end-to-end tests: real `ledgerbc` subprocesses, the stand-in dorado on
-PATH, and checks that compare the read ids in the pod5 inputs with the read ids in the published outputs."""
+"""What the tests share: a `Study` (INPUT_DIR, OUTPUT_DIR, the stand-in dorado on PATH and real `ledgerbc`
+subprocesses), a `FakeClock`, and checks that compare the read ids in the pod5 inputs with the read ids
+in the published outputs. Fixtures built on them live in conftest.py."""
 from __future__ import annotations
 
 import gzip
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +21,13 @@ import pod5
 import pysam
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
 from ledgerbc import models
+from ledgerbc.cli import cli
 from ledgerbc.db import Ledger
 from ledgerbc.testkit import install_fake_dorado
+from ledgerbc.testkit.synth import make_dataset
 
 REAL_POD5 = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-pod5"
 SMALL_LEASE = ["--lease", "20s", "--heartbeat", "1s", "--clock-skew", "2s"]
@@ -35,11 +40,35 @@ def ledgerbc_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ledgerbc.cli"]
 
 
+# The clocked study (conftest.py `clocked_study`: in-process, six files, batches of 3): lease 60 s, heartbeat
+# 10 s, clock skew 20 s, its FakeClock starting at T0.
+LEASE, HEARTBEAT, SKEW = 60.0, 10.0, 20.0
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    """An injectable clock (`Ledger(path, clock=...)`): lease expiry is tested by moving it, not by sleeping."""
+
+    def __init__(self, start: float = 1_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
 # -- a study under tmp_path ------------------------------------------------------------------------------
 class Study:
-    """INPUT_DIR, OUTPUT_DIR, the stand-in dorado on PATH and the worker processes of one test."""
+    """INPUT_DIR, OUTPUT_DIR, the stand-in dorado on PATH and the worker processes of one test.
 
-    def __init__(self, tmp_path: Path):
+    Every subprocess gets this test's environment (conftest.py has already removed the developer's
+    LEDGERBC_* from it) plus the stand-in on PATH, LEDGERBC_LEDGER and the stand-in's knobs in `sim`.
+    """
+
+    def __init__(self, tmp_path: Path, **sim):
         self.root = tmp_path
         self.input = tmp_path / "input"
         self.output = tmp_path / "output"
@@ -49,45 +78,62 @@ class Study:
         self.input.mkdir()
         self.bin = tmp_path / "bin"
         install_fake_dorado(self.bin)
+        self.sim = {f"LEDGERBC_SIM_{k.upper()}": str(v) for k, v in sim.items()}
         self.procs: list[subprocess.Popen] = []
-        self._logs = []
 
-    # environment of every subprocess: no LEDGERBC_* leaking in from the developer's shell
     def env(self, **extra) -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
+        env = dict(os.environ, LEDGERBC_LEDGER=str(self.ledger_path), **self.sim)
         env["PATH"] = str(self.bin) + os.pathsep + env.get("PATH", "")
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def cli(self, *args, env=None, check=True, timeout=120) -> subprocess.CompletedProcess:
+    def cli(self, *args, env=None, check=False, timeout=180) -> subprocess.CompletedProcess:
+        """`ledgerbc ARGS` as a user runs it (the installed console script); `check`: insist on exit 0."""
         proc = subprocess.run(
             ledgerbc_argv() + [str(a) for a in args], cwd=self.cwd, env=env or self.env(),
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
         )
         if check:
             assert proc.returncode == 0, f"ledgerbc {args[0]} exited {proc.returncode}: {proc.stderr}"
         return proc
 
+    def invoke(self, *args):
+        """`ledgerbc ARGS` in this process (click's CliRunner), on this study's ledger."""
+        return CliRunner().invoke(cli, [str(a) for a in args], env={"LEDGERBC_LEDGER": str(self.ledger_path)},
+                                  prog_name="ledgerbc")
+
     def init(self, *options) -> subprocess.CompletedProcess:
-        return self.cli("init", self.input, self.output, *SMALL_LEASE, *options)
+        return self.cli("init", self.input, self.output, *SMALL_LEASE, *options, check=True)
 
     @property
     def ledger(self) -> Ledger:
         return Ledger(self.ledger_path)
 
     def start_worker(self, worker_id: str, *options, **env) -> subprocess.Popen:
-        log = open(self.root / f"worker-{worker_id}.log", "wb")
-        self._logs.append(log)
-        proc = subprocess.Popen(
-            ledgerbc_argv() + ["run", "--ledger", str(self.ledger_path), "--worker-id", worker_id, *options],
-            cwd=self.cwd, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
-        )
+        """A worker in its own session (kill_group ends it with its dorado); its output in worker_log()."""
+        with open(self.root / f"worker-{worker_id}.log", "wb") as log:
+            # --ledger puts the test's folder on the command line: kill_leftovers(tmp_path) finds the worker too.
+            proc = subprocess.Popen(
+                ledgerbc_argv() + ["run", "--ledger", str(self.ledger_path), "--worker-id", worker_id, *options],
+                cwd=self.cwd, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         proc.worker_id = worker_id
         self.procs.append(proc)
         return proc
 
     def worker_log(self, worker_id: str) -> str:
         return (self.root / f"worker-{worker_id}.log").read_text(errors="replace")
+
+    def files(self) -> dict[str, tuple[str, int | None]]:
+        """{rel path: (state, batch id)} from the ledger."""
+        rows = query(self.ledger, sa.select(models.Pod5File.rel_path, models.Pod5File.state, models.Pod5File.batch_id))
+        return {r.rel_path: (r.state, r.batch_id) for r in rows}
+
+    def outputs(self) -> dict[str, tuple[int, int]]:
+        """Published pass/ files: {path: (inode, mtime_ns)}: a re-publication changes both."""
+        return {str(p.relative_to(self.output)): (p.stat().st_ino, p.stat().st_mtime_ns)
+                for p in sorted((self.output / "pass").rglob("*.fastq"))}
 
     def wait_workers(self, procs=None, timeout: float = 120) -> dict[str, int]:
         """Wait for the workers to exit; {worker id: exit status}. Fails (with their logs) on timeout."""
@@ -102,7 +148,7 @@ class Study:
         return codes
 
     def status(self) -> dict:
-        return json.loads(self.cli("status", "--json", "--ledger", self.ledger_path).stdout)
+        return json.loads(self.cli("status", "--json", "--ledger", self.ledger_path, check=True).stdout)
 
     def dorado_while(self, flag: Path, once: bool = False, **knobs) -> None:
         """Make `dorado` on PATH apply the stand-in's `knobs` (LEDGERBC_SIM_*) only while `flag` exists
@@ -147,15 +193,18 @@ class Study:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for log in self._logs:
-            log.close()
 
 
-@pytest.fixture
-def study(tmp_path):
-    s = Study(tmp_path)
-    yield s
-    s.close()
+def make_study(tmp_path: Path, n_files: int, batch_files: int, lease: str = "20s", prepare=None, **sim) -> Study:
+    """A Study with `n_files` small pod5 files (hostile names), `prepare(INPUT_DIR)` for more, and its ledger
+    made (`init`, heartbeat 1 s); `sim` are the stand-in dorado's knobs (LEDGERBC_SIM_<KNOB>) for every process."""
+    study = Study(tmp_path, **sim)
+    make_dataset(study.input, n_files, seed=n_files, hostile_names=True, size_spread=False)
+    if prepare is not None:  # more input files, written before init scans
+        prepare(study.input)
+    study.cli("init", study.input, study.output, "--batch-files", batch_files, "--lease", lease,
+              "--heartbeat", "1s", "--clock-skew", "1s", check=True)
+    return study
 
 
 def _processes():
@@ -191,6 +240,49 @@ def copy_real_pod5(dest: Path) -> None:
     shutil.copytree(REAL_POD5, dest)
     for path in [dest, *dest.rglob("*")]:  # the shared copy is read-only
         path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses; split after the last ')'.
+        rest = stat.rsplit(")", 1)[-1].split()
+        if len(rest) > 1 and rest[1] == str(pid):
+            found.append(int(entry))
+    return found
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes (other than this one) whose command line contains `text`: e.g. a test's tmp folder."""
+    return [pid for pid, cmd in _processes() if text in cmd and pid != os.getpid()]
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by `pid` (workers and dorado run in their own sessions)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_leftovers(text: str) -> list[int]:
+    """SIGKILL every process group whose leader's command line mentions `text`; returns their pids."""
+    pids = pids_mentioning(text)
+    for pid in pids:
+        kill_group(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids
 
 
 # -- the ledger, as the test sees it ----------------------------------------------------------------------
@@ -359,3 +451,66 @@ def assert_work_tree_clean(study: Study) -> None:
     assert not [p.name for p in work.iterdir() if p.name.startswith("ASSIGNED_")], "ASSIGNED_ folders left"
     staging = work / "staging"
     assert not staging.exists() or not list(staging.iterdir()), f"staging not empty: {list(staging.iterdir())}"
+
+
+# -- exactly once, from the files on disk (FASTQ outputs) ------------------------------------------------
+def pod5_reads(input_dir) -> dict[str, list[str]]:
+    """{rel path: read ids} of every pod5 file under `input_dir`, read with the pod5 library."""
+    root = Path(input_dir)
+    return {p.relative_to(root).as_posix(): pod5_read_ids(p) for p in sorted(root.rglob("*.pod5"))}
+
+
+def fastq_records(path: Path):
+    """(read id, pi parent or None) for each record of a FASTQ written by ledgerbc."""
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh):
+            if n % 4:
+                continue
+            assert line.startswith(b"@"), f"{path}: line {n + 1} is not a FASTQ header: {line[:80]!r}"
+            fields = line.decode("utf-8").rstrip("\n").split("\t")
+            parent = next((f[5:] for f in fields[1:] if f.startswith("pi:Z:")), None)
+            yield fields[0][1:], parent
+
+
+def published_reads(output_dir) -> dict[str, list[tuple[str, str | None]]]:
+    """{rel path of the input: [(read id, parent)]} over pass/ and fail/ (FASTQ outputs)."""
+    out = {}
+    for kind in ("pass", "fail"):
+        root = Path(output_dir) / kind
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*.fastq")):
+            rel = path.relative_to(root).as_posix()[: -len(".fastq")] + ".pod5"
+            out.setdefault(rel, []).extend(fastq_records(path))
+    return out
+
+
+def check_exactly_once(expected: dict[str, list[str]], output_dir) -> dict:
+    """Assert every read of every input appears exactly once in the outputs, in its own file's output.
+
+    A read the stand-in dorado split shows up as two records with new ids and `pi:Z:<read id>`; the
+    read counts as present once when each child id is unique and the parent is covered by no other
+    record. Returns a few numbers for the test's printout.
+    """
+    published = published_reads(output_dir)
+    assert set(published) == set(expected), (
+        f"outputs for inputs not expected: {sorted(set(published) - set(expected))[:5]}; "
+        f"inputs without output: {sorted(set(expected) - set(published))[:5]}"
+    )
+    ids = Counter(rid for recs in published.values() for rid, _ in recs)
+    dup = [rid for rid, n in ids.items() if n > 1]
+    assert not dup, f"{len(dup)} read ids published more than once, e.g. {dup[:3]}"
+    split = 0
+    for rel, want in expected.items():
+        recs = published[rel]
+        plain = Counter(rid for rid, parent in recs if parent is None)
+        children = Counter(parent for _rid, parent in recs if parent is not None)
+        covered = set(plain) | set(children)
+        assert covered == set(want), (
+            f"{rel}: {len(set(want) - covered)} reads missing, {len(covered - set(want))} foreign reads"
+        )
+        both = set(plain) & set(children)
+        assert not both, f"{rel}: reads published both whole and split: {sorted(both)[:3]}"
+        assert all(n == 2 for n in children.values()), f"{rel}: a split read has other than 2 pieces: {children}"
+        split += len(children)
+    return {"files": len(expected), "reads": sum(len(v) for v in expected.values()), "split_reads": split}

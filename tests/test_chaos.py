@@ -23,8 +23,8 @@ from ledgerbc.db import Ledger
 from ledgerbc.models import Batch
 from ledgerbc.testkit.synth import make_dataset
 from ledgerbc.testkit import install_fake_dorado
-from recovery_helpers import (
-    LEDGERBC, check_exactly_once, children_of, kill_group, kill_leftovers, pids_mentioning, pod5_reads,
+from helpers import (
+    ledgerbc_argv, check_exactly_once, children_of, kill_group, kill_leftovers, pids_mentioning, pod5_reads,
 )
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ class Fleet:
         worker_id = f"{tag}{self.started:03d}"
         log = open(self.logs / f"{worker_id}.log", "wb")
         self.procs[worker_id] = subprocess.Popen(
-            LEDGERBC + ["run", "--ledger", self.env["LEDGERBC_LEDGER"], "--worker-id", worker_id],
+            ledgerbc_argv() + ["run", "--ledger", self.env["LEDGERBC_LEDGER"], "--worker-id", worker_id],
             stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
         )
@@ -92,7 +92,7 @@ class Fleet:
 
 
 def cli(env, *args, timeout=120):
-    return subprocess.run(LEDGERBC + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(ledgerbc_argv() + list(args), env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def chaos_env(tmp_path):
     make_dataset(input_dir, N_FILES, seed=20240611)
     bin_dir = tmp_path / "bin"
     install_fake_dorado(bin_dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
+    env = dict(os.environ)  # conftest.py has removed the developer's LEDGERBC_*
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
@@ -239,7 +239,7 @@ def test_a_dead_watchman_does_not_strand_a_dead_workers_batch(tmp_path):
     make_dataset(input_dir, 4, seed=5, hostile_names=False, size_spread=False)
     bin_dir = tmp_path / "bin"
     install_fake_dorado(bin_dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
+    env = dict(os.environ)  # conftest.py has removed the developer's LEDGERBC_*
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
                LEDGERBC_LEDGER=str(output_dir / "ledgerbc.db"))
     init = cli(env, "init", str(input_dir), str(output_dir), "--batch-files", "4", "--lease", "8s",
@@ -257,7 +257,7 @@ def test_a_dead_watchman_does_not_strand_a_dead_workers_batch(tmp_path):
     assert roles.take_role(three_seconds_ago, roles.WATCHMAN, "dead-watchman", settings.lease + settings.clock_skew)
 
     try:
-        proc = subprocess.run(LEDGERBC + ["run", "--worker-id", "last"], env=env, capture_output=True, text=True,
+        proc = subprocess.run(ledgerbc_argv() + ["run", "--worker-id", "last"], env=env, capture_output=True, text=True,
                               timeout=90)
     finally:
         kill_leftovers(str(tmp_path))

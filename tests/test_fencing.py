@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from helpers import (  # noqa: F401  (study is a fixture)
-    Study, assert_work_tree_clean, batch, check_outputs, events, files_by_rel, pid_alive, study,
+from helpers import (
+    Study, assert_work_tree_clean, batch, check_outputs, events, files_by_rel, pid_alive,
 )
 from ledgerbc import claim, janitor, models
 from ledgerbc.errors import NotOwner

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from helpers import (  # noqa: F401  (study is a fixture)
-    Study, assert_work_tree_clean, check_outputs, events, files_by_rel, query, study, wait_for,
+from helpers import (
+    Study, assert_work_tree_clean, check_outputs, events, files_by_rel, query, wait_for,
 )
 from ledgerbc import follow, models, status
 from ledgerbc import scan as scan_module

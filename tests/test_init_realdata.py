@@ -53,9 +53,7 @@ def real_input(tmp_path) -> Path:
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return dict(os.environ, **{k: str(v) for k, v in extra.items()})  # conftest.py removed the shell's LEDGERBC_*
 
 
 def check_ledger_against_pod5(ledger_path: Path, input_dir: Path) -> dict:
@@ -97,9 +95,7 @@ def check_status_agrees(data: dict, rows: dict) -> None:
     assert data["failed"] == [] and data["running_batches"] == []
 
 
-def test_init_records_every_real_file_with_its_pod5_read_count(real_input, tmp_path, monkeypatch):
-    for key in [k for k in os.environ if k.startswith("LEDGERBC_")]:
-        monkeypatch.delenv(key)
+def test_init_records_every_real_file_with_its_pod5_read_count(real_input, tmp_path):
     out = tmp_path / "output"
     result = CliRunner().invoke(cli, ["init", str(real_input), str(out)])
     assert result.exit_code == 0, result.output

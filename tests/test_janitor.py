@@ -18,18 +18,13 @@ from click.testing import CliRunner
 from ledgerbc import claim, janitor, models, publish, split
 from ledgerbc.batch import installer_for
 from ledgerbc.cli import cli
-from ledgerbc.create import init_ledger
 from ledgerbc.db import Ledger
-from ledgerbc.layout import Layout, link_name
+from ledgerbc.layout import link_name
 from ledgerbc.models import Batch, Event, Pod5File
-from ledgerbc.settings import Settings
-from ledgerbc.testkit.synth import make_dataset
 from ledgerbc.testkit import install_fake_dorado
-from recovery_helpers import check_exactly_once
+from helpers import HEARTBEAT, LEASE, SKEW, T0, check_exactly_once
 
-LEASE, HEARTBEAT, SKEW = 60.0, 10.0, 20.0
 WINDOW = LEASE + SKEW
-T0 = 1_700_000_000.0
 
 
 class FailIfRun:
@@ -42,39 +37,9 @@ class FailIfRun:
         pass
 
 
-class FakeClock:
-    def __init__(self, t: float = T0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-@pytest.fixture
-def study(tmp_path):
-    """Six small pod5 files, a ledger (batches of 3) and a test clock."""
-    input_dir, output_dir = tmp_path / "in", tmp_path / "out"
-    reads = make_dataset(input_dir, 6, seed=11, hostile_names=False, size_spread=False)
-    settings = Settings(
-        input_dir=str(input_dir), output_dir=str(output_dir), batch_files=3, batch_bytes=None,
-        lease=LEASE, heartbeat=HEARTBEAT, clock_skew=SKEW, max_attempts=2,
-    )
-    path, report, _ = init_ledger(settings)
-    assert report.added == 6
-    clock = FakeClock()
-    settings = Ledger(path).read_settings()
-    return SimpleNamespace(
-        path=path, reads=reads, settings=settings, clock=clock, layout=Layout(output_dir), tmp=tmp_path,
-        input=input_dir, output=output_dir,
-    )
-
-
-def ledger_with_offset(study, offset: float = 0.0) -> Ledger:
-    """A handle on the study's ledger as seen by a node whose clock is `offset` seconds off."""
-    return Ledger(study.path, clock=lambda: study.clock() + offset)
+def ledger_with_offset(clocked_study, offset: float = 0.0) -> Ledger:
+    """A handle on the clocked_study's ledger as seen by a node whose clock is `offset` seconds off."""
+    return Ledger(clocked_study.path, clock=lambda: clocked_study.clock() + offset)
 
 
 def files(ledger) -> dict[str, SimpleNamespace]:
@@ -97,16 +62,16 @@ def start_worker(ledger, worker_id, settings):
     return batch
 
 
-def janitor_with_contact(study, seconds: float, offset: float = 0.0, step: float = HEARTBEAT):
+def janitor_with_contact(clocked_study, seconds: float, offset: float = 0.0, step: float = HEARTBEAT):
     """A janitor whose ledger it has been reaching every `step` seconds for `seconds` (time moves on)."""
-    jl = ledger_with_offset(study, offset)
-    jan = janitor.Janitor(jl, study.settings)
-    end = study.clock() + seconds
+    jl = ledger_with_offset(clocked_study, offset)
+    jan = janitor.Janitor(jl, clocked_study.settings)
+    end = clocked_study.clock() + seconds
     while True:
         jl.transact(lambda c: None)
-        if study.clock() >= end:
+        if clocked_study.clock() >= end:
             return jan
-        study.clock.advance(min(step, end - study.clock()))
+        clocked_study.clock.advance(min(step, end - clocked_study.clock()))
 
 
 # -- expiry ------------------------------------------------------------------------------------------
@@ -114,16 +79,16 @@ def janitor_with_contact(study, seconds: float, offset: float = 0.0, step: float
     (-SKEW, 0.0), (SKEW, 0.0), (-SKEW / 2, SKEW / 2), (SKEW / 2, -SKEW / 2), (0.0, 0.0),
 ])
 def test_a_live_worker_whose_clock_is_off_by_up_to_the_skew_margin_never_loses_its_batch(
-    study, worker_offset, janitor_offset
+    clocked_study, worker_offset, janitor_offset
 ):
-    wl = ledger_with_offset(study, worker_offset)
-    batch = start_worker(wl, "w-skewed", study.settings)
-    jl = ledger_with_offset(study, janitor_offset)
-    jan = janitor.Janitor(jl, study.settings)
+    wl = ledger_with_offset(clocked_study, worker_offset)
+    batch = start_worker(wl, "w-skewed", clocked_study.settings)
+    jl = ledger_with_offset(clocked_study, janitor_offset)
+    jan = janitor.Janitor(jl, clocked_study.settings)
     # Three expiry windows of run: the worker heartbeats every heartbeat interval, the janitor passes
     # every second, so some passes fall just before a heartbeat (the oldest the heartbeat ever looks).
     for second in range(1, int(3 * WINDOW)):
-        study.clock.advance(1.0)
+        clocked_study.clock.advance(1.0)
         if second % HEARTBEAT == 0:
             claim.heartbeat(wl, batch)
         report = jan.run_pass()
@@ -133,23 +98,23 @@ def test_a_live_worker_whose_clock_is_off_by_up_to_the_skew_margin_never_loses_i
 
 
 @pytest.mark.parametrize("worker_offset", [-SKEW, SKEW])
-def test_a_batch_is_not_reclaimed_at_lease_plus_skew_however_the_clocks_stand(study, worker_offset):
+def test_a_batch_is_not_reclaimed_at_lease_plus_skew_however_the_clocks_stand(clocked_study, worker_offset):
     """The boundary: a worker whose clock runs `skew` behind, silent for exactly the lease, looks
     lease + skew old to the janitor; that is not yet expired."""
-    wl = ledger_with_offset(study, worker_offset)
-    batch = start_worker(wl, "w", study.settings)
-    jan = janitor_with_contact(study, LEASE + SKEW + worker_offset)
-    assert study.clock() - (T0 + worker_offset) <= WINDOW
+    wl = ledger_with_offset(clocked_study, worker_offset)
+    batch = start_worker(wl, "w", clocked_study.settings)
+    jan = janitor_with_contact(clocked_study, LEASE + SKEW + worker_offset)
+    assert clocked_study.clock() - (T0 + worker_offset) <= WINDOW
     assert jan.run_pass().reclaimed == []
     assert batch_state(jan.ledger, batch.batch_id) == models.RUNNING
 
 
-def test_a_batch_silent_longer_than_lease_plus_skew_is_reclaimed_by_a_janitor_in_contact(study):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w-dead", study.settings)
-    jan = janitor_with_contact(study, WINDOW)
+def test_a_batch_silent_longer_than_lease_plus_skew_is_reclaimed_by_a_janitor_in_contact(clocked_study):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w-dead", clocked_study.settings)
+    jan = janitor_with_contact(clocked_study, WINDOW)
     assert jan.run_pass().reclaimed == []  # exactly lease + skew: not yet
-    study.clock.advance(1.0)
+    clocked_study.clock.advance(1.0)
     report = jan.run_pass()
     assert report.reclaimed == [batch.batch_id]
     assert report.files_returned == 3
@@ -164,78 +129,78 @@ def test_a_batch_silent_longer_than_lease_plus_skew_is_reclaimed_by_a_janitor_in
         claim.publish(wl, batch, [], FailIfRun(), 2)
 
 
-def test_a_janitor_whose_own_ledger_access_stalled_reclaims_nothing_until_it_had_contact_again(study):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w", study.settings)
-    jan = janitor_with_contact(study, 2 * WINDOW)  # a long-lived janitor with good contact...
+def test_a_janitor_whose_own_ledger_access_stalled_reclaims_nothing_until_it_had_contact_again(clocked_study):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w", clocked_study.settings)
+    jan = janitor_with_contact(clocked_study, 2 * WINDOW)  # a long-lived janitor with good contact...
     claim.heartbeat(wl, batch)
     assert jan.run_pass().reclaimed == []
     # ...then the shared filesystem hangs for 10 leases: nobody reaches the ledger, the clock jumps.
-    study.clock.advance(10 * LEASE)
-    assert study.clock() - jan.ledger.last_contact > LEASE
+    clocked_study.clock.advance(10 * LEASE)
+    assert clocked_study.clock() - jan.ledger.last_contact > LEASE
     report = jan.run_pass()
     assert report.reclaimed == [], "reclaimed right after its own stall"
     assert batch_state(jan.ledger, batch.batch_id) == models.RUNNING
     # Within the window the worker comes back too and heartbeats: it keeps its batch.
-    study.clock.advance(HEARTBEAT)
+    clocked_study.clock.advance(HEARTBEAT)
     assert jan.run_pass().reclaimed == []
     claim.heartbeat(wl, batch)
     for _ in range(int(3 * WINDOW / HEARTBEAT)):
-        study.clock.advance(HEARTBEAT)
-        if study.clock() % 30 < HEARTBEAT:  # the worker keeps beating (every 30 s, well within the lease)
+        clocked_study.clock.advance(HEARTBEAT)
+        if clocked_study.clock() % 30 < HEARTBEAT:  # the worker keeps beating (every 30 s, well within the lease)
             claim.heartbeat(wl, batch)
         assert jan.run_pass().reclaimed == []
     assert batch_state(jan.ledger, batch.batch_id) == models.RUNNING
 
 
-def test_after_a_stall_a_janitor_reclaims_once_it_has_had_contact_for_lease_plus_skew(study):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w-dead", study.settings)
-    jan = janitor_with_contact(study, WINDOW / 2)
-    study.clock.advance(10 * LEASE)  # stall: the batch's heartbeat is now 10 leases old
-    resumed = study.clock()
+def test_after_a_stall_a_janitor_reclaims_once_it_has_had_contact_for_lease_plus_skew(clocked_study):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w-dead", clocked_study.settings)
+    jan = janitor_with_contact(clocked_study, WINDOW / 2)
+    clocked_study.clock.advance(10 * LEASE)  # stall: the batch's heartbeat is now 10 leases old
+    resumed = clocked_study.clock()
     reclaimed_at = None
     while reclaimed_at is None:
         report = jan.run_pass()
         if report.reclaimed:
-            reclaimed_at = study.clock()
+            reclaimed_at = clocked_study.clock()
             assert report.reclaimed == [batch.batch_id]
-        study.clock.advance(HEARTBEAT)
-        assert study.clock() - resumed < 3 * WINDOW, "never reclaimed"
+        clocked_study.clock.advance(HEARTBEAT)
+        assert clocked_study.clock() - resumed < 3 * WINDOW, "never reclaimed"
     assert reclaimed_at - resumed == pytest.approx(WINDOW)
     assert batch_state(jan.ledger, batch.batch_id) == models.RECLAIMED
 
 
-def test_a_worker_janitor_detects_its_stall_without_being_told_the_gap(study):
+def test_a_worker_janitor_detects_its_stall_without_being_told_the_gap(clocked_study):
     """The stall rule belongs to the janitor: a Janitor on a fresh Ledger handle applies it by itself."""
-    start_worker(ledger_with_offset(study), "w-dead", study.settings)
-    jl = ledger_with_offset(study)
-    jan = janitor.Janitor(jl, study.settings)
+    start_worker(ledger_with_offset(clocked_study), "w-dead", clocked_study.settings)
+    jl = ledger_with_offset(clocked_study)
+    jan = janitor.Janitor(jl, clocked_study.settings)
     assert jan.run_pass().reclaimed == []  # first contact: no history yet
-    study.clock.advance(10 * LEASE)
+    clocked_study.clock.advance(10 * LEASE)
     assert jan.run_pass().reclaimed == []
 
 
 # -- the one-shot janitor ------------------------------------------------------------------------------
-def test_recover_judges_by_heartbeat_age_alone(study):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w-dead", study.settings)
-    study.clock.advance(WINDOW)
-    fresh = ledger_with_offset(study)  # a one-shot process: no contact history at all
+def test_recover_judges_by_heartbeat_age_alone(clocked_study):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w-dead", clocked_study.settings)
+    clocked_study.clock.advance(WINDOW)
+    fresh = ledger_with_offset(clocked_study)  # a one-shot process: no contact history at all
     assert janitor.recover(fresh).reclaimed == []
-    study.clock.advance(1.0)
-    report = janitor.recover(ledger_with_offset(study))
+    clocked_study.clock.advance(1.0)
+    report = janitor.recover(ledger_with_offset(clocked_study))
     assert report.reclaimed == [batch.batch_id]
     assert "reclaimed batch %d" % batch.batch_id in report.lines()
     assert {f.state for f in files(fresh).values()} == {models.PENDING}
 
 
-def test_recover_force_reclaims_batches_that_have_not_expired(study):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w-alive", study.settings)
-    study.clock.advance(1.0)
-    assert janitor.recover(ledger_with_offset(study)).reclaimed == []
-    report = janitor.recover(ledger_with_offset(study), force=True)
+def test_recover_force_reclaims_batches_that_have_not_expired(clocked_study):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w-alive", clocked_study.settings)
+    clocked_study.clock.advance(1.0)
+    assert janitor.recover(ledger_with_offset(clocked_study)).reclaimed == []
+    report = janitor.recover(ledger_with_offset(clocked_study), force=True)
     assert report.reclaimed == [batch.batch_id]
     mine = [f for rel, f in files(wl).items() if rel in {f.rel for f in batch.files}]
     assert [(f.state, f.attempts) for f in mine] == [(models.PENDING, 1)] * 3
@@ -243,43 +208,43 @@ def test_recover_force_reclaims_batches_that_have_not_expired(study):
         claim.heartbeat(wl, batch)
 
 
-def test_recover_cli_reclaims_only_with_force_when_the_lease_is_fresh(study):
-    batch = start_worker(Ledger(study.path), "w-alive", study.settings)  # real clock: heartbeat is fresh
+def test_recover_cli_reclaims_only_with_force_when_the_lease_is_fresh(clocked_study):
+    batch = start_worker(Ledger(clocked_study.path), "w-alive", clocked_study.settings)  # real clock: heartbeat is fresh
     runner = CliRunner()
-    result = runner.invoke(cli, ["recover", "--ledger", str(study.path)])
+    result = runner.invoke(cli, ["recover", "--ledger", str(clocked_study.path)])
     assert result.exit_code == 0, result.output
     assert "reclaimed" not in result.output
-    assert batch_state(Ledger(study.path), batch.batch_id) == models.RUNNING
-    result = runner.invoke(cli, ["recover", "--ledger", str(study.path), "--force"])
+    assert batch_state(Ledger(clocked_study.path), batch.batch_id) == models.RUNNING
+    result = runner.invoke(cli, ["recover", "--ledger", str(clocked_study.path), "--force"])
     assert result.exit_code == 0, result.output
     assert f"reclaimed batch {batch.batch_id}" in result.output
-    assert batch_state(Ledger(study.path), batch.batch_id) == models.RECLAIMED
+    assert batch_state(Ledger(clocked_study.path), batch.batch_id) == models.RECLAIMED
 
 
 # -- what reclaiming does to the files -------------------------------------------------------------------
-def expire(study, batch_ids):
-    study.clock.advance(WINDOW + 1)
-    report = janitor.recover(ledger_with_offset(study))
+def expire(clocked_study, batch_ids):
+    clocked_study.clock.advance(WINDOW + 1)
+    report = janitor.recover(ledger_with_offset(clocked_study))
     assert sorted(report.reclaimed) == sorted(batch_ids)
     return report
 
 
-def test_reclaimed_files_go_back_to_pending_then_fail_past_max_attempts_with_the_error_kept(study):
-    wl = ledger_with_offset(study)
-    first = start_worker(wl, "w1", study.settings)
+def test_reclaimed_files_go_back_to_pending_then_fail_past_max_attempts_with_the_error_kept(clocked_study):
+    wl = ledger_with_offset(clocked_study)
+    first = start_worker(wl, "w1", clocked_study.settings)
     target = first.files[0].rel
-    expire(study, [first.batch_id])
+    expire(clocked_study, [first.batch_id])
     assert files(wl)[target].state == models.PENDING and files(wl)[target].attempts == 1
     # Reclaimed from a dead worker is not the file's fault: it is batched with the others again
     # (oldest first); its second loss is its last attempt (max_attempts=2).
     claim.register_worker(wl, "w2", "node", 2, None)
-    second = claim.claim_batch(wl, "w2", study.settings)
+    second = claim.claim_batch(wl, "w2", clocked_study.settings)
     assert second.files[0].rel == target and [f.rel for f in second.files] == [f.rel for f in first.files]
-    expire(study, [second.batch_id])
+    expire(clocked_study, [second.batch_id])
     f = files(wl)[target]
     assert (f.state, f.attempts) == (models.FAILED, 2)
     assert f.error.startswith("reclaimed: lease expired: worker w2 silent for")
-    status = CliRunner().invoke(cli, ["status", "--ledger", str(study.path), "--json"])
+    status = CliRunner().invoke(cli, ["status", "--ledger", str(clocked_study.path), "--json"])
     failed = json.loads(status.output)["failed"]
     assert failed == [{"path": g.rel, "attempts": 2, "error": f.error} for g in first.files]
 
@@ -289,16 +254,16 @@ def dorado_exe(tmp_path):
     return str(install_fake_dorado(tmp_path / "bin"))
 
 
-def basecall_in_staging(study, batch, dorado_exe, min_qscore=0.0):
+def basecall_in_staging(clocked_study, batch, dorado_exe, min_qscore=0.0):
     """What a worker does before publishing: links, the stand-in dorado, the split. Returns (result, links)."""
-    assigned = study.layout.assigned(batch.batch_id, batch.worker_id)
+    assigned = clocked_study.layout.assigned(batch.batch_id, batch.worker_id)
     assigned.mkdir(parents=True)
     links = {}
     for i, f in enumerate(batch.files):
         name = link_name(i, f.rel)
-        os.symlink(study.input / f.rel, assigned / name)
+        os.symlink(clocked_study.input / f.rel, assigned / name)
         links[name] = f
-    staging = study.layout.staging(batch.batch_id, batch.token)
+    staging = clocked_study.layout.staging(batch.batch_id, batch.token)
     staging.mkdir(parents=True)
     with open(staging / "calls.bam", "wb") as out:
         subprocess.run([dorado_exe, "basecaller", "hac", str(assigned)], stdout=out, stderr=subprocess.DEVNULL,
@@ -308,30 +273,30 @@ def basecall_in_staging(study, batch, dorado_exe, min_qscore=0.0):
     return result, links
 
 
-def test_a_reclaimed_batch_whose_outputs_were_already_renamed_into_pass_ends_done_not_redone(study, dorado_exe):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w-died-publishing", study.settings)
-    result, links = basecall_in_staging(study, batch, dorado_exe)
+def test_a_reclaimed_batch_whose_outputs_were_already_renamed_into_pass_ends_done_not_redone(clocked_study, dorado_exe):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w-died-publishing", clocked_study.settings)
+    result, links = basecall_in_staging(clocked_study, batch, dorado_exe)
     # The owner renamed two of its three outputs into pass/ and died before the transaction committed.
     published = [f for f in links.values()][:2]
-    installer_for(study.layout, "fastq", result, {f.rel for f in published}, links).run()
-    mtimes = {f.rel: study.layout.pass_path(f.rel, "fastq").stat().st_mtime_ns for f in published}
+    installer_for(clocked_study.layout, "fastq", result, {f.rel for f in published}, links).run()
+    mtimes = {f.rel: clocked_study.layout.pass_path(f.rel, "fastq").stat().st_mtime_ns for f in published}
 
-    report = expire(study, [batch.batch_id])
+    report = expire(clocked_study, [batch.batch_id])
     assert (report.files_found_published, report.files_returned) == (2, 1)
     state = files(wl)
     for f in published:
         assert state[f.rel].state == models.DONE
-        assert state[f.rel].reads_pass + state[f.rel].reads_fail == len(study.reads[f.rel])
+        assert state[f.rel].reads_pass + state[f.rel].reads_fail == len(clocked_study.reads[f.rel])
     leftover = [f for f in batch.files if f not in published][0]
     assert (state[leftover.rel].state, state[leftover.rel].attempts) == (models.PENDING, 1)
     # Only the unpublished file is basecalled again; the published outputs are never touched.
     claim.register_worker(wl, "w2", "node", 2, None)
-    again = claim.claim_batch(wl, "w2", study.settings)
+    again = claim.claim_batch(wl, "w2", clocked_study.settings)
     assert leftover.rel in [f.rel for f in again.files]
     assert not {f.rel for f in published} & {f.rel for f in again.files}
-    assert {f.rel: study.layout.pass_path(f.rel, "fastq").stat().st_mtime_ns for f in published} == mtimes
-    check_exactly_once({f.rel: study.reads[f.rel] for f in published}, study.output)
+    assert {f.rel: clocked_study.layout.pass_path(f.rel, "fastq").stat().st_mtime_ns for f in published} == mtimes
+    check_exactly_once({f.rel: clocked_study.reads[f.rel] for f in published}, clocked_study.output)
 
 
 class Died(BaseException):
@@ -339,97 +304,97 @@ class Died(BaseException):
 
 
 def test_an_owner_dying_right_after_renaming_a_pass_file_loses_none_of_that_files_reads(
-    study, dorado_exe, monkeypatch
+    clocked_study, dorado_exe, monkeypatch
 ):
     """A pass/ file marks its input done (for reclaim and rebuild): its fail/ part must be in place first."""
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w-died", study.settings)
-    result, links = basecall_in_staging(study, batch, dorado_exe, min_qscore=12.0)
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w-died", clocked_study.settings)
+    result, links = basecall_in_staging(clocked_study, batch, dorado_exe, min_qscore=12.0)
     name, first = next((n, f) for n, f in links.items() if result.files[n].reads_fail and result.files[n].reads_pass)
     real_replace = os.replace
 
     def replace_then_die(src, dst):
         real_replace(src, dst)
-        if Path(dst) == study.layout.pass_path(first.rel, "fastq"):
+        if Path(dst) == clocked_study.layout.pass_path(first.rel, "fastq"):
             raise Died()
 
     monkeypatch.setattr(publish.os, "replace", replace_then_die)
     with pytest.raises(Died):
-        installer_for(study.layout, "fastq", result, {f.rel for f in links.values()}, links).run()
+        installer_for(clocked_study.layout, "fastq", result, {f.rel for f in links.values()}, links).run()
     monkeypatch.undo()
 
-    expire(study, [batch.batch_id])
+    expire(clocked_study, [batch.batch_id])
     state = files(wl)[first.rel]
     assert state.state == models.DONE
     assert (state.reads_pass, state.reads_fail) == (result.files[name].reads_pass, result.files[name].reads_fail)
-    check_exactly_once({first.rel: study.reads[first.rel]}, study.output)
+    check_exactly_once({first.rel: clocked_study.reads[first.rel]}, clocked_study.output)
 
 
-def test_a_zombie_cannot_publish_over_its_reclaimed_batch(study, dorado_exe):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w-zombie", study.settings)
-    result, links = basecall_in_staging(study, batch, dorado_exe)
-    expire(study, [batch.batch_id])
+def test_a_zombie_cannot_publish_over_its_reclaimed_batch(clocked_study, dorado_exe):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w-zombie", clocked_study.settings)
+    result, links = basecall_in_staging(clocked_study, batch, dorado_exe)
+    expire(clocked_study, [batch.batch_id])
     results = [claim.FileResult(f.rel, True, reads_pass=1) for f in links.values()]
-    install = installer_for(study.layout, "fastq", result, {f.rel for f in links.values()}, links)
+    install = installer_for(clocked_study.layout, "fastq", result, {f.rel for f in links.values()}, links)
     with pytest.raises(claim.NotOwner):
         claim.publish(wl, batch, results, install, 2)
-    assert not list((study.output / "pass").rglob("*.fastq")), "a fenced worker published"
+    assert not list((clocked_study.output / "pass").rglob("*.fastq")), "a fenced worker published"
     assert {f.state for f in files(wl).values()} == {models.PENDING}
 
 
 # -- cleanup ---------------------------------------------------------------------------------------------
-def make_work_dirs(study, batch):
-    assigned = study.layout.assigned(batch.batch_id, batch.worker_id)
-    staging = study.layout.staging(batch.batch_id, batch.token)
+def make_work_dirs(clocked_study, batch):
+    assigned = clocked_study.layout.assigned(batch.batch_id, batch.worker_id)
+    staging = clocked_study.layout.staging(batch.batch_id, batch.token)
     for folder in (assigned, staging / "pass"):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "x").write_text("x")
     return assigned, staging
 
 
-def test_cleanup_removes_work_of_finished_batches_and_never_of_running_ones(study):
-    wl = ledger_with_offset(study)
+def test_cleanup_removes_work_of_finished_batches_and_never_of_running_ones(clocked_study):
+    wl = ledger_with_offset(clocked_study)
     claim.register_worker(wl, "w-done", "node", 1, None)
     claim.register_worker(wl, "w-run", "node", 2, None)
-    done = claim.claim_batch(wl, "w-done", study.settings)
-    running = claim.claim_batch(wl, "w-run", study.settings)
-    done_dirs = make_work_dirs(study, done)
-    running_dirs = make_work_dirs(study, running)
+    done = claim.claim_batch(wl, "w-done", clocked_study.settings)
+    running = claim.claim_batch(wl, "w-run", clocked_study.settings)
+    done_dirs = make_work_dirs(clocked_study, done)
+    running_dirs = make_work_dirs(clocked_study, running)
     # The finished batch's worker released it (SIGTERM) and died before removing its folders.
     claim.release_batch(wl, done, "stopped")
-    jan = janitor_with_contact(study, 3 * WINDOW)
+    jan = janitor_with_contact(clocked_study, 3 * WINDOW)
     for _ in range(3):
         claim.heartbeat(wl, running)
         report = jan.run_pass()
-        study.clock.advance(HEARTBEAT)
+        clocked_study.clock.advance(HEARTBEAT)
     assert not any(p.exists() for p in done_dirs)
     assert all(p.exists() for p in running_dirs)
     assert batch_state(wl, running.batch_id) == models.RUNNING
     assert report.reclaimed == []
     # The running batch's worker dies; once its batch is reclaimed, the same pass removes its folders.
-    silent_since = study.clock() - HEARTBEAT
+    silent_since = clocked_study.clock() - HEARTBEAT
     while True:
-        study.clock.advance(HEARTBEAT)
+        clocked_study.clock.advance(HEARTBEAT)
         report = jan.run_pass()
         if report.reclaimed:
             break
         assert all(p.exists() for p in running_dirs)
-        assert study.clock() - silent_since <= WINDOW
+        assert clocked_study.clock() - silent_since <= WINDOW
     assert report.reclaimed == [running.batch_id]
     assert not any(p.exists() for p in running_dirs)
-    assert sorted(report.cleaned) == sorted(str(p.relative_to(study.output)) for p in running_dirs)
+    assert sorted(report.cleaned) == sorted(str(p.relative_to(clocked_study.output)) for p in running_dirs)
 
 
 # -- reconcile -------------------------------------------------------------------------------------------
-def publish_batch(study, ledger, batch, dorado_exe):
-    result, links = basecall_in_staging(study, batch, dorado_exe)
+def publish_batch(clocked_study, ledger, batch, dorado_exe):
+    result, links = basecall_in_staging(clocked_study, batch, dorado_exe)
     results = [
         claim.FileResult(f.rel, True, reads_pass=result.files[n].reads_pass, reads_fail=result.files[n].reads_fail,
                          outputs=result.files[n].records())
         for n, f in links.items()
     ]
-    install = installer_for(study.layout, "fastq", result, {f.rel for f in links.values()}, links)
+    install = installer_for(clocked_study.layout, "fastq", result, {f.rel for f in links.values()}, links)
     claim.publish(ledger, batch, results, install, 2)
 
 
@@ -438,53 +403,53 @@ def write_fastq(path: Path, read_ids):
     path.write_text("".join(f"@{r}\tqs:f:12\nACGT\n+\n++++\n" for r in read_ids))
 
 
-def test_reconcile_makes_the_ledger_agree_with_pass(study, dorado_exe):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "w", study.settings)
-    publish_batch(study, wl, batch, dorado_exe)
+def test_reconcile_makes_the_ledger_agree_with_pass(clocked_study, dorado_exe):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w", clocked_study.settings)
+    publish_batch(clocked_study, wl, batch, dorado_exe)
     state = files(wl)
     assert {state[f.rel].state for f in batch.files} == {models.DONE}
     lost = batch.files[0].rel
-    study.layout.pass_path(lost, "fastq").unlink()  # someone deleted a published output
+    clocked_study.layout.pass_path(lost, "fastq").unlink()  # someone deleted a published output
     restored = next(rel for rel, f in state.items() if f.state == models.PENDING)
-    write_fastq(study.layout.pass_path(restored, "fastq"), study.reads[restored])  # e.g. restored from a backup
+    write_fastq(clocked_study.layout.pass_path(restored, "fastq"), clocked_study.reads[restored])  # e.g. restored from a backup
 
-    report = janitor.recover(ledger_with_offset(study))
+    report = janitor.recover(ledger_with_offset(clocked_study))
     assert report.reconciled_pending == [lost]
     assert report.reconciled_done == [restored]
     state = files(wl)
     assert (state[lost].state, state[lost].batch_id, state[lost].reads_pass) == (models.PENDING, None, None)
-    assert (state[restored].state, state[restored].reads_pass) == (models.DONE, len(study.reads[restored]))
+    assert (state[restored].state, state[restored].reads_pass) == (models.DONE, len(clocked_study.reads[restored]))
     events = wl.transact(lambda c: c.execute(sa.select(Event.message).where(Event.kind == "reconcile")).scalars().all())
     assert events == ["1 lost outputs, 1 found outputs"]
     # The lost file is basecalled again, the restored one never.
     claim.register_worker(wl, "w2", "node", 2, None)
     claimed = set()
-    while (b := claim.claim_batch(wl, "w2", study.settings)) is not None:
+    while (b := claim.claim_batch(wl, "w2", clocked_study.settings)) is not None:
         claimed |= {f.rel for f in b.files}
     assert lost in claimed and restored not in claimed
     # A second recover finds nothing to do.
-    assert janitor.recover(ledger_with_offset(study)).lines() == ["nothing to do"]
+    assert janitor.recover(ledger_with_offset(clocked_study)).lines() == ["nothing to do"]
 
 
-def test_reclaim_own_stale_takes_back_a_dead_incarnations_batch_at_once(study):
-    wl = ledger_with_offset(study)
-    batch = start_worker(wl, "array_7@node", study.settings)
-    study.clock.advance(1.0)  # far from expired: but the same worker id starting again proves it died
-    assert janitor.reclaim_own_stale(wl, study.settings, "array_7@node") == [batch.batch_id]
-    assert janitor.reclaim_own_stale(wl, study.settings, "other@node") == []
+def test_reclaim_own_stale_takes_back_a_dead_incarnations_batch_at_once(clocked_study):
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "array_7@node", clocked_study.settings)
+    clocked_study.clock.advance(1.0)  # far from expired: but the same worker id starting again proves it died
+    assert janitor.reclaim_own_stale(wl, clocked_study.settings, "array_7@node") == [batch.batch_id]
+    assert janitor.reclaim_own_stale(wl, clocked_study.settings, "other@node") == []
     assert {f.state for f in files(wl).values()} == {models.PENDING}
 
 
-def test_recover_cli_prints_one_line_per_action(study):
-    wl = Ledger(study.path, clock=lambda: T0)
-    batch = start_worker(wl, "w-dead", study.settings)
-    make_work_dirs(study, batch)
+def test_recover_cli_prints_one_line_per_action(clocked_study):
+    wl = Ledger(clocked_study.path, clock=lambda: T0)
+    batch = start_worker(wl, "w-dead", clocked_study.settings)
+    make_work_dirs(clocked_study, batch)
     # The real clock is decades after T0: the batch is long expired for a one-shot janitor.
-    result = CliRunner().invoke(cli, ["recover", "--ledger", str(study.path)])
+    result = CliRunner().invoke(cli, ["recover", "--ledger", str(clocked_study.path)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert f"reclaimed batch {batch.batch_id}" in lines
     assert "3 files of reclaimed batches returned to pending (or failed)" in lines
     assert f"removed work/ASSIGNED_{batch.batch_id}_w-dead" in lines
-    assert not study.layout.assigned(batch.batch_id, "w-dead").exists()
+    assert not clocked_study.layout.assigned(batch.batch_id, "w-dead").exists()

@@ -14,11 +14,10 @@ import pytest
 import sqlalchemy as sa
 
 from ledgerbc import claim, models
-from ledgerbc.db import Ledger
 from ledgerbc.models import Batch
 from ledgerbc.rebuild import ID_MARGIN, rebuild_ledger
 from ledgerbc.testkit.synth import write_pod5
-from recovery_helpers import Study, check_exactly_once, children_of, kill_leftovers, pod5_reads
+from helpers import make_study, check_exactly_once, children_of, kill_leftovers, pod5_reads
 
 REBUILD_HINT = "recover --rebuild"
 
@@ -45,12 +44,12 @@ def assert_one_error_line(result, exit_code=5, *needles):
 @pytest.fixture
 def half_done(tmp_path):
     """12 files, batches of 3, two batches basecalled by a real worker; then the ledger is garbage."""
-    study = Study(tmp_path, 12, 3)
+    study = make_study(tmp_path, 12, 3)
     first = study.cli("run", "--worker-id", "early", "--max-batches", "2")
     assert first.returncode == 0, first.stderr
     published = study.outputs()
     assert len(published) == 6
-    study.ledger.write_bytes(os.urandom(64 * 1024))  # a disk error, a bad copy, a stray `dd`
+    study.ledger_path.write_bytes(os.urandom(64 * 1024))  # a disk error, a bad copy, a stray `dd`
     yield study, published
     kill_leftovers(str(tmp_path))
 
@@ -63,14 +62,14 @@ COMMANDS = [
 
 def test_every_command_refuses_a_garbage_ledger_in_one_line_naming_the_rebuild(half_done):
     study, _ = half_done
-    before = study.ledger.read_bytes()
+    before = study.ledger_path.read_bytes()
     for args in COMMANDS:
         assert_one_error_line(study.invoke(*args), 5, "damaged or not a ledger", REBUILD_HINT)
     for args in (["status"], ["run", "--worker-id", "w9"]):  # the real console script, as a user or Slurm runs it
         started = time.monotonic()
         assert_one_error_line(study.cli(*args, timeout=60), 5, REBUILD_HINT)
         assert time.monotonic() - started < 30, f"`ledgerbc {' '.join(args)}` waited on a ledger only a rebuild fixes"
-    assert study.ledger.read_bytes() == before, "a command wrote into the damaged ledger"
+    assert study.ledger_path.read_bytes() == before, "a command wrote into the damaged ledger"
 
 
 def test_after_a_rebuild_the_run_completes_without_basecalling_anything_twice(half_done):
@@ -81,7 +80,7 @@ def test_after_a_rebuild_the_run_completes_without_basecalling_anything_twice(ha
     result = study.invoke("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert result.exit_code == 0, result.output
     assert "12 pod5 files found, 6 already published" in result.output
-    assert f"export LEDGERBC_LEDGER={study.ledger}" in result.output
+    assert f"export LEDGERBC_LEDGER={study.ledger_path}" in result.output
     assert list(study.output.glob("ledgerbc.db.replaced-*")), "the damaged ledger was not kept aside"
     state = study.files()
     done_from_disk = {rel for rel, (s, _b) in state.items() if s == models.DONE}
@@ -106,29 +105,29 @@ def test_after_a_rebuild_the_run_completes_without_basecalling_anything_twice(ha
 
 @pytest.mark.slow
 def test_rebuild_while_a_worker_is_mid_batch_lets_it_keep_and_publish_its_batch(tmp_path):
-    study = Study(tmp_path, 3, 3, lease="30s", delay=4)  # dorado takes 4 s to start: time to rebuild mid-batch
+    study = make_study(tmp_path, 3, 3, lease="30s", delay=4)  # dorado takes 4 s to start: time to rebuild mid-batch
     worker = study.start_worker("alive")
     try:
         deadline = time.monotonic() + 60
         while not (assigned := list((study.output / "work").glob("ASSIGNED_*_alive"))) or not children_of(worker.pid):
-            assert time.monotonic() < deadline and worker.poll() is None, study.log_of("alive")
+            assert time.monotonic() < deadline and worker.poll() is None, study.worker_log("alive")
             time.sleep(0.1)
         batch_id = int(assigned[0].name.split("_")[1])
         mine = {os.path.realpath(link) for link in assigned[0].iterdir() if link.is_symlink()}  # links may be relative
         # Mid-batch, the ledger is overwritten with garbage and rebuilt from the files on disk.
-        study.ledger.write_bytes(os.urandom(32 * 1024))
+        study.ledger_path.write_bytes(os.urandom(32 * 1024))
         result = study.invoke("recover", "--rebuild", "--input", study.input, "--output", study.output)
         assert result.exit_code == 0, result.output
         assert f"batch {batch_id} of alive: {len(mine)} files assigned, running again" in result.output
-        assert worker.wait(timeout=120) == 0, study.log_of("alive")
+        assert worker.wait(timeout=120) == 0, study.worker_log("alive")
     finally:
         kill_leftovers(str(tmp_path))
-    log = study.log_of("alive")
+    log = study.worker_log("alive")
     assert f"batch {batch_id}: done" in log and "fenced" not in log, log
     state = study.files()
     assert {state[str(Path(t).relative_to(study.input.resolve()))] for t in mine} == {(models.DONE, batch_id)}
     assert {s for s, _b in state.values()} == {models.DONE}
-    ledger = Ledger(study.ledger)
+    ledger = study.ledger
     row = ledger.transact(lambda c: c.execute(sa.select(Batch.worker_id, Batch.state).where(Batch.id == batch_id)).one())
     assert tuple(row) == ("alive", models.BATCH_DONE)
     check_exactly_once(pod5_reads(study.input), study.output)
@@ -144,8 +143,8 @@ def test_rebuild_while_a_worker_is_mid_batch_lets_it_keep_and_publish_its_batch(
 def test_batch_ids_after_a_rebuild_exceed_every_id_the_old_ledger_handed_out(tmp_path):
     """The old ledger is still readable (e.g. rebuilt because its content went wrong): its id sequence
     counts, even for batches that left no trace on disk."""
-    study = Study(tmp_path, 3, 1)
-    ledger = Ledger(study.ledger)
+    study = make_study(tmp_path, 3, 1)
+    ledger = study.ledger
     settings = ledger.read_settings()
     claim.register_worker(ledger, "w", "node", 1, None)
     for _ in range(40):  # claims released at once: ids consumed, nothing on disk
@@ -153,19 +152,19 @@ def test_batch_ids_after_a_rebuild_exceed_every_id_the_old_ledger_handed_out(tmp
         claim.release_batch(ledger, b, "test")
     assert b.batch_id == 40
     rebuild_ledger(study.input, study.output)
-    ledger = Ledger(study.ledger)
+    ledger = study.ledger
     claim.register_worker(ledger, "w", "node", 1, None)
     assert claim.claim_batch(ledger, "w", settings).batch_id > 40 + ID_MARGIN - 1
 
 
 def test_batch_ids_after_losing_the_ledger_exceed_every_id_left_on_disk(tmp_path):
-    study = Study(tmp_path, 3, 1)
+    study = make_study(tmp_path, 3, 1)
     (study.output / "logs" / "7001.log").write_text("[ledgerbc] running: dorado ...\n")  # a batch long gone
     (study.output / "work" / "ASSIGNED_6500_dead@node").mkdir()
     (study.output / "work" / "staging" / "6900").mkdir(parents=True)
-    study.ledger.unlink()
+    study.ledger_path.unlink()
     rebuild_ledger(study.input, study.output)
-    ledger = Ledger(study.ledger)
+    ledger = study.ledger
     claim.register_worker(ledger, "w", "node", 1, None)
     assert claim.claim_batch(ledger, "w", ledger.read_settings()).batch_id > 7001 + ID_MARGIN - 1
 
@@ -186,20 +185,20 @@ os._exit(9)  # killed mid-transaction: a hot journal (the pages as they were bef
 
 @pytest.mark.parametrize("loss", ["deleted", "garbage"])
 def test_a_hot_journal_left_by_the_lost_ledger_does_not_corrupt_the_rebuilt_one(tmp_path, loss):
-    study = Study(tmp_path, 3, 1)
-    subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(study.ledger)], check=False, timeout=60)
-    journal = Path(f"{study.ledger}-journal")
+    study = make_study(tmp_path, 3, 1)
+    subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(study.ledger_path)], check=False, timeout=60)
+    journal = Path(f"{study.ledger_path}-journal")
     assert journal.stat().st_size > 0
     if loss == "deleted":
-        study.ledger.unlink()
+        study.ledger_path.unlink()
     else:
-        study.ledger.write_bytes(os.urandom(16 * 1024))
+        study.ledger_path.write_bytes(os.urandom(16 * 1024))
     result = study.invoke("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert result.exit_code == 0, result.output
     # Rolling the old ledger's journal back into the new file would bring back its pages ("failed" rows).
     assert study.status()["files"]["pending"] == 3
     assert {s for s, _b in study.files().values()} == {models.PENDING}
-    conn = sqlite3.connect(study.ledger)
+    conn = sqlite3.connect(study.ledger_path)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     finally:
@@ -211,17 +210,17 @@ def test_a_hot_journal_left_by_the_lost_ledger_does_not_corrupt_the_rebuilt_one(
 
 @pytest.mark.slow
 def test_a_worker_whose_ledger_stays_lost_gives_up_and_a_rebuild_lets_others_finish_its_batch(tmp_path):
-    study = Study(tmp_path, 2, 2, lease="3s", delay=3)
+    study = make_study(tmp_path, 2, 2, lease="3s", delay=3)
     worker = study.start_worker("stranded")
     try:
         deadline = time.monotonic() + 60
         while not children_of(worker.pid):
-            assert time.monotonic() < deadline and worker.poll() is None, study.log_of("stranded")
+            assert time.monotonic() < deadline and worker.poll() is None, study.worker_log("stranded")
             time.sleep(0.1)
-        study.ledger.unlink()  # lost mid-batch, and nobody rebuilds it within a lease
+        study.ledger_path.unlink()  # lost mid-batch, and nobody rebuilds it within a lease
         # dorado finishes; the publication waits one lease for the ledger, then the worker gives up.
-        assert worker.wait(timeout=60) == 4, study.log_of("stranded")
-        assert "giving up" in study.log_of("stranded")
+        assert worker.wait(timeout=60) == 4, study.worker_log("stranded")
+        assert "giving up" in study.worker_log("stranded")
         assigned = list((study.output / "work").glob("ASSIGNED_*_stranded"))
         assert len(assigned) == 1, "the unpublished batch's folder is what a rebuild adopts"
         assert not list((study.output / "pass").rglob("*.fastq"))
@@ -248,10 +247,10 @@ def test_a_ledger_error_mid_batch_does_not_leave_dorado_running(tmp_path, monkey
     from ledgerbc import batch as batch_mod
     from ledgerbc import dorado, errors, run
 
-    study = Study(tmp_path, 1, 1, lease="3s", hang=1)  # dorado never finishes on its own
-    ledger = Ledger(study.ledger)
+    study = make_study(tmp_path, 1, 1, lease="3s", hang=1)  # dorado never finishes on its own
+    ledger = study.ledger
     worker = run.Worker(ledger, ledger.read_settings(), run.WorkerOptions(worker_id="w"),
-                        str(study.tmp / "bin" / "dorado"), env=study.env)
+                        str(study.root / "bin" / "dorado"), env=study.env())
     started, real = [], dorado.DoradoProcess
 
     def recording(*args, **kwargs):
@@ -260,7 +259,7 @@ def test_a_ledger_error_mid_batch_does_not_leave_dorado_running(tmp_path, monkey
 
     def broken_ledger():
         if started:
-            raise getattr(errors, error)(f"ledger {study.ledger}: disk I/O error. Run `ledgerbc doctor`.")
+            raise getattr(errors, error)(f"ledger {study.ledger_path}: disk I/O error. Run `ledgerbc doctor`.")
 
     monkeypatch.setattr(batch_mod.dorado, "DoradoProcess", recording)
     monkeypatch.setattr(worker.janitor, "maybe_run", broken_ledger)
@@ -285,11 +284,11 @@ def test_a_ledger_deleted_under_an_open_transaction_is_reported_as_lost_not_as_a
     from ledgerbc import errors
     from ledgerbc.models import Event
 
-    study = Study(tmp_path, 1, 1)
-    ledger = Ledger(study.ledger)
+    study = make_study(tmp_path, 1, 1)
+    ledger = study.ledger
 
     def deleted_meanwhile(conn):
-        study.ledger.unlink(missing_ok=True)
+        study.ledger_path.unlink(missing_ok=True)
         conn.execute(sa.insert(Event).values(ts=1.0, kind="test"))
 
     with pytest.raises(errors.LedgerNotFound, match="disappeared.*recover --rebuild"):

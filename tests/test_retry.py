@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from ledgerbc import models
 from ledgerbc.cli import cli
 from ledgerbc.testkit.synth import truncate_copy, write_pod5
-from recovery_helpers import Study, check_exactly_once, kill_leftovers, pod5_reads
+from helpers import make_study, check_exactly_once, kill_leftovers, pod5_reads
 
 BAD = ["bad/bad_one.pod5", "bad/bad_two.pod5"]
 
@@ -27,8 +27,8 @@ def failed_study(tmp_path):
         for i, rel in enumerate(BAD):
             write_pod5(inp / rel, 4, seed=100 + i)
 
-    study = Study(tmp_path, 6, 4, prepare=bad_files)
-    first = study.cli("run", "--worker-id", "first", env={**study.env, "LEDGERBC_SIM_FAIL_MATCH": "bad_"})
+    study = make_study(tmp_path, 6, 4, prepare=bad_files)
+    first = study.cli("run", "--worker-id", "first", env={**study.env(), "LEDGERBC_SIM_FAIL_MATCH": "bad_"})
     assert first.returncode == 0, first.stderr
     return study
 
@@ -47,7 +47,7 @@ def test_failed_files_keep_their_error_until_retried(failed_study):
 def test_retry_all_failed_queues_every_failed_file_and_the_next_run_basecalls_them(failed_study):
     study = failed_study
     before = study.outputs()
-    result = CliRunner().invoke(cli, ["retry", "--ledger", str(study.ledger), "--all-failed"])
+    result = CliRunner().invoke(cli, ["retry", "--ledger", str(study.ledger_path), "--all-failed"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("2 failed files queued again;")
     state = study.files()
@@ -65,14 +65,14 @@ def test_retry_all_failed_queues_every_failed_file_and_the_next_run_basecalls_th
 def test_retry_named_files_queues_only_those(failed_study):
     study = failed_study
     runner = CliRunner()
-    result = runner.invoke(cli, ["retry", "--ledger", str(study.ledger), BAD[1]])
+    result = runner.invoke(cli, ["retry", "--ledger", str(study.ledger_path), BAD[1]])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("1 failed files queued again;")
     state = study.files()
     assert (state[BAD[0]][0], state[BAD[1]][0]) == (models.FAILED, models.PENDING)
     # A file that is not failed (done, or unknown) is left alone.
     done = next(rel for rel, (s, _b) in state.items() if s == models.DONE)
-    result = runner.invoke(cli, ["retry", "--ledger", str(study.ledger), done, "no/such.pod5"])
+    result = runner.invoke(cli, ["retry", "--ledger", str(study.ledger_path), done, "no/such.pod5"])
     assert result.exit_code == 0 and result.output.startswith("0 failed files queued again;")
     assert study.files()[done][0] == models.DONE
 
@@ -83,7 +83,7 @@ def test_retry_named_files_queues_only_those(failed_study):
 
 
 def test_retry_needs_files_or_all_failed(failed_study):
-    result = CliRunner().invoke(cli, ["retry", "--ledger", str(failed_study.ledger)])
+    result = CliRunner().invoke(cli, ["retry", "--ledger", str(failed_study.ledger_path)])
     assert result.exit_code == 3
     assert result.stderr.strip() == "Error: name the files to retry, or pass --all-failed."
 
@@ -96,11 +96,11 @@ def test_retry_rechecks_a_file_that_failed_admission_once_it_is_complete(tmp_pat
         (inp / "late").mkdir()
         truncate_copy(src, inp / "late" / "copy.pod5")
 
-    study = Study(tmp_path, 2, 4, prepare=truncated_copy)
+    study = make_study(tmp_path, 2, 4, prepare=truncated_copy)
     assert study.files()["late/copy.pod5"][0] == models.FAILED  # truncated at init: failed at once (no --follow)
     assert "Run `ledgerbc retry` once it is complete" in study.status()["failed"][0]["error"]
     shutil.copy(src, study.input / "late" / "copy.pod5")  # the copy is redone, complete this time
-    result = CliRunner().invoke(cli, ["retry", "--ledger", str(study.ledger), "--all-failed"])
+    result = CliRunner().invoke(cli, ["retry", "--ledger", str(study.ledger_path), "--all-failed"])
     assert result.exit_code == 0, result.output
     assert study.files()["late/copy.pod5"][0] == models.PENDING
     finish = study.cli("run", "--worker-id", "w")

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from helpers import (  # noqa: F401  (study is a fixture)
+from helpers import (
     REAL_POD5, Study, assert_work_tree_clean, check_outputs, copy_real_pod5, events, files_by_rel, link_basename,
-    read_bam, study,
+    read_bam,
 )
 from ledgerbc import chemistry, models
 from ledgerbc.testkit.synth import HOSTILE_NAMES, make_dataset

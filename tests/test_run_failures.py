@@ -2,8 +2,8 @@
 import os
 import signal
 
-from helpers import (  # noqa: F401  (study is a fixture)
-    REAL_POD5, Study, assert_work_tree_clean, batch, check_outputs, events, files_by_rel, pid_alive, study,
+from helpers import (
+    REAL_POD5, Study, assert_work_tree_clean, batch, check_outputs, events, files_by_rel, pid_alive,
     wait_for,
 )
 from ledgerbc import lease, models

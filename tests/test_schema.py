@@ -68,3 +68,10 @@ def test_an_unknown_revision_is_refused_and_an_old_one_names_upgrade(tmp_path):
         assert "'9999', newer than this ledgerbc knows" in str(exc)
     else:
         raise AssertionError("a ledger of an unknown (newer) schema was opened")
+
+
+def test_the_revisions_read_without_alembic_are_alembics_own():
+    from alembic.script import ScriptDirectory
+
+    walked = ScriptDirectory.from_config(schema.alembic_config()).walk_revisions()
+    assert schema.known_revisions() == tuple(reversed([rev.revision for rev in walked]))

@@ -21,13 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 HOSTILE_DIR = "it's \"quoted\" $(touch pwned) `touch pwned2`; & | *"
 
 
-@pytest.fixture(autouse=True)
-def _no_ledgerbc_env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("LEDGERBC_") and not key.startswith("LEDGERBC_TEST_"):
-            monkeypatch.delenv(key)
-
-
 class FakeSbatch:
     """An executable `sbatch` first on PATH: appends its argv (JSON) to a log, prints `out` or fails."""
 
@@ -68,7 +61,7 @@ def hostile_ledger(tmp_path) -> Path:
     folder = tmp_path / HOSTILE_DIR
     folder.mkdir()
     path = folder / "ledger $(id).db"
-    path.write_bytes(b"")  # submit only checks that the file exists
+    path.write_bytes(b"SQLite format 3\0")  # submit only checks that the file is an SQLite file
     return path
 
 
@@ -135,7 +128,7 @@ def _run_script(tmp_path, *args, env_extra=None):
         encoding="utf-8",
     )
     fake.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
+    env = dict(os.environ)  # conftest.py removed the shell's LEDGERBC_*
     env["LEDGERBC_EXE"] = str(fake)
     env.update(env_extra or {})
     proc = subprocess.Popen(["bash", str(slurm.array_script()), *args], env=env, cwd=tmp_path,
@@ -164,7 +157,7 @@ def test_script_keeps_the_users_device(tmp_path, args, env):
 
 def test_script_without_ledger_or_executable(tmp_path):
     proc, data, err = _run_script(tmp_path)
-    assert proc.returncode == 3 and data is None and "no ledger given" in err
+    assert proc.returncode == 4 and data is None and "no ledger given" in err
     proc, data, err = _run_script(tmp_path, "/l.db", env_extra={"LEDGERBC_EXE": str(tmp_path / "missing")})
     assert proc.returncode == 3 and data is None and "LEDGERBC_EXE" in err
 
@@ -199,7 +192,7 @@ def test_submit_takes_the_ledger_from_the_environment(sbatch, hostile_ledger, mo
 
 def test_submit_without_ledger_says_so(sbatch):
     result = invoke("submit", "--tasks", 2)
-    assert result.exit_code == errors.BadInput.exit_code
+    assert result.exit_code == 4
     assert result.stderr.startswith("Error: no ledger given") and not sbatch.calls()
 
 
