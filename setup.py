@@ -1,9 +1,16 @@
 """ledgerbc: basecall a nanopore study across a Slurm array, coordinated by one SQLite ledger."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One version: ledgerbc.__version__ (what `ledgerbc --version` and the benchmarks print), read, not imported.
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("ledgerbc").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 setup(
     name="ledgerbc",
-    version="0.1.0",
+    version=VERSION,
     description="Serverless, exactly-once dorado basecalling across Slurm array tasks via a SQLite ledger",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -21,6 +28,7 @@ setup(
         "click>=8.1,<9",
         "pod5>=0.3.10,<0.4",
         "pysam>=0.22,<0.26",
+        "numpy>=1.24,<3",  # split.py (qscores) and the synthetic pod5 writer import it
         "isal>=1.6,<2",  # ISA-L deflate for fastq.gz and BAM outputs (writers.py falls back to zlib)
     ],
     # test-only: playwright drives Debian's chromium (never a browser of its own; see tests/clients.py).

@@ -11,7 +11,7 @@ import statistics
 import uuid
 from pathlib import Path
 
-from ledgerbc import db, scan
+from ledgerbc import __version__, db, scan
 from ledgerbc.pod5check import Pod5Info
 from ledgerbc.settings import Settings
 
@@ -26,7 +26,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"ledgerbc {__version__}; {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def new_ledger(path: Path, input_dir: Path, output_dir: Path, **settings) -> Settings:

@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fill import add_files, machine, new_ledger, pct  # noqa: E402
 
-from ledgerbc import claim, db  # noqa: E402
+from ledgerbc import __version__, claim, db  # noqa: E402
 from ledgerbc.claim import FileResult  # noqa: E402
 
 LOOKAHEAD_MARGIN = 2048 + 100  # pending files that always remain, so batches stay full (claim.LOOKAHEAD)
@@ -173,14 +173,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=f"{__doc__.splitlines()[0]} (ledgerbc {__version__})")
     ap.add_argument("--seconds", type=float, default=5.0, help="measured time per configuration")
     ap.add_argument("--procs", default="8,32", help="comma-separated process counts")
     ap.add_argument("--batches", default="1,40", help="comma-separated batch sizes (files)")
     ap.add_argument("--where", default="local,gluster", help="local and/or gluster (gluster needs the env vars)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--also-separate", action="store_true",
-                    help="also run each configuration with claim and publish as two transactions (before 0.2)")
+                    help="also run each configuration with claim and publish as two transactions (how workers "
+                         "did it before they were merged into one; see docs/benchmarks.md)")
     args = ap.parse_args(argv)
 
     places = []

@@ -26,28 +26,23 @@ USAGE = 2  # click's own code for a command line it cannot parse (unknown option
 def opt(*names, **kwargs):
     """A click option that can also come from LEDGERBC_<NAME> (unless it is in NO_ENV)."""
     long = next(n for n in names if n.startswith("--"))
-    if long not in NO_ENV:
+    if long in NO_ENV:
+        kwargs["help"] = f"{kwargs.get('help', '')} Command line only (never read from LEDGERBC_*).".strip()
+    else:
         kwargs.setdefault("envvar", "LEDGERBC_" + long[2:].replace("-", "_").upper())
         kwargs.setdefault("show_envvar", True)
     return click.option(*names, **kwargs)
 
 
-class Duration(click.ParamType):
-    name = "DURATION"
+class Parsed(click.ParamType):
+    """A value written as users write it (units.py: `15m`, `20G`); its BadInput message becomes the error."""
+
+    def __init__(self, name: str, parse):
+        self.name, self.parse = name, parse
 
     def convert(self, value, param, ctx):
         try:
-            return parse_duration(value)
-        except errors.BadInput as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class Size(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        try:
-            return parse_size(value)
+            return self.parse(value)
         except errors.BadInput as exc:
             self.fail(str(exc), param, ctx)
 
@@ -71,7 +66,7 @@ class Whole(click.ParamType):
         return number
 
 
-DURATION, SIZE = Duration(), Size()
+DURATION, SIZE = Parsed("DURATION", parse_duration), Parsed("SIZE", parse_size)
 
 ledger_option = opt("--ledger", "ledger_path", type=click.Path(dir_okay=True, path_type=Path),
                     help="The ledger file (default: $LEDGERBC_LEDGER).")

@@ -3,7 +3,7 @@
 Every check yields one `Check` line: `ok|warn|FAIL  <check>: <detail>`. A FAIL carries the exit code of
 the matching error (7 unsafe filesystem or lock, 4 no ledger, 5 damaged, 6 schema, 3 dorado/model).
 
-The mount checks live in `mounts.py` (also used by `run` and `submit`).
+The mount checks live in `mounts.py` (also used by `run` and `submit`, which refuse an unsafe mount).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from . import errors
-from .mounts import FAIL, OK, WARN, Check, mount_check, refuse_unsafe_mount  # noqa: F401  (re-exported)
 from .dorado import version_from_output as dorado_version_from_output
+from .mounts import FAIL, OK, WARN, Check, mount_check
 
 log = logging.getLogger("ledgerbc.doctor")
 

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import models, pod5check
-from .models import DONE, DUPLICATE, FAILED, PENDING, WAITING, Pod5File
+from .models import DUPLICATE, FAILED, PENDING, WAITING, Pod5File
 
 CHUNK = 500  # rows per transaction: keeps each hold of the global lock short
 PARALLEL_MIN_FILES = 2000  # files to inspect before a process pool pays for its start (~1 s)
@@ -339,10 +339,3 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
             ][:100],
         )
     return counts
-
-
-def count_unfinished(conn) -> int:
-    """Files that still need work or may still arrive (follow mode)."""
-    return conn.execute(
-        sa.select(sa.func.count()).select_from(Pod5File).where(Pod5File.state.not_in((DONE, FAILED, DUPLICATE)))
-    ).scalar_one()

@@ -64,10 +64,6 @@ class Settings:
         return warnings
 
     @property
-    def input_path(self) -> Path:
-        return Path(self.input_dir)
-
-    @property
     def output_path(self) -> Path:
         return Path(self.output_dir)
 

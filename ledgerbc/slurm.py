@@ -7,7 +7,6 @@ value reaches sbatch as exactly one argument.
 
 import os
 import re
-import shlex
 import socket
 import subprocess
 from importlib import resources
@@ -112,8 +111,3 @@ def submit(ledger, tasks: int, partition=None, time=None, gpus_per_task: int = 1
     argv = build_sbatch_argv(path, tasks, partition=partition, time=time, gpus_per_task=gpus_per_task,
                              account=account, cpus_per_task=cpus_per_task, mem=mem, extra=extra, run_args=run_args)
     return run_sbatch(argv)
-
-
-def command_line(argv: list[str]) -> str:
-    """The argv as one line a user can paste into a shell."""
-    return shlex.join(argv)

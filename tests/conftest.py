@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 import clients
-from helpers import HEARTBEAT, LEASE, SKEW, T0, FakeClock, Study
+from helpers import HEARTBEAT, LEASE, SKEW, T0, FakeClock, Study, kill_leftovers
 from ledgerbc import db, models
 from ledgerbc.create import init_ledger
 from ledgerbc.layout import Layout
@@ -32,6 +32,13 @@ def _no_ledgerbc_env(monkeypatch):
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def no_stray_processes(tmp_path):
+    """dorado runs in its own session: whatever a test leaves running under its folder is killed after it."""
+    yield
+    kill_leftovers(str(tmp_path))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from ledgerbc.models import Batch
 from ledgerbc.testkit.synth import make_dataset
 from ledgerbc.testkit import install_fake_dorado
 from helpers import (
-    ledgerbc_argv, check_exactly_once, children_of, kill_group, kill_leftovers, pids_mentioning, pod5_reads,
+    ledgerbc_argv, wait_for, check_exactly_once, children_of, kill_group, kill_leftovers, pids_mentioning, pod5_reads,
 )
 
 pytestmark = pytest.mark.slow
@@ -219,10 +219,7 @@ def test_teardown_helper_kills_a_process_left_in_its_own_session(tmp_path):
     marker = str(tmp_path / "orphan-marker")
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", marker], start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while orphan.pid not in pids_mentioning(marker):  # until the child has exec'd (its argv is ours)
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: orphan.pid in pids_mentioning(marker), 30, "the child to exec (its argv is ours)", 0.05)
         assert orphan.pid in kill_leftovers(marker)
         assert orphan.wait(timeout=5) == -signal.SIGKILL
     finally:

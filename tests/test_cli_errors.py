@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from ledgerbc import errors, models
+from ledgerbc import models
 from ledgerbc.cli import cli
 from ledgerbc.db import Ledger
 from ledgerbc.testkit.synth import truncate_copy, write_pod5

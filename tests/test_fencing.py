@@ -19,6 +19,7 @@ def _reclaim(study: Study, batch_id: int) -> None:
     assert report.reclaimed == [batch_id]
 
 
+@pytest.mark.slow
 def test_reclaimed_batch_is_never_published_by_its_worker(study: Study):
     make_dataset(study.input, 5, seed=3, hostile_names=False)
     study.init("--batch-files", 8)
@@ -59,6 +60,7 @@ def test_reclaimed_batch_is_never_published_by_its_worker(study: Study):
     assert {e.worker_id for e in events(study.ledger, "batch-done")} == {"helper"}
 
 
+@pytest.mark.slow
 def test_fenced_worker_keeps_going_and_drains_the_rest(study: Study):
     """Without --max-batches the fenced worker stays alive and does the work again."""
     make_dataset(study.input, 4, seed=4, hostile_names=True)

@@ -7,16 +7,12 @@ from click.testing import CliRunner
 from ledgerbc import models
 from ledgerbc.cli import cli
 from ledgerbc.testkit.synth import truncate_copy, write_pod5
-from helpers import make_study, check_exactly_once, kill_leftovers, pod5_reads
+from helpers import make_study, check_exactly_once, pod5_reads
 
 BAD = ["bad/bad_one.pod5", "bad/bad_two.pod5"]
 
 
-@pytest.fixture(autouse=True)
-def no_stray_processes(tmp_path):
-    """dorado runs in its own session: whatever a test leaves running under its folder is killed."""
-    yield
-    kill_leftovers(str(tmp_path))
+pytestmark = pytest.mark.usefixtures("no_stray_processes")
 
 
 @pytest.fixture

@@ -115,6 +115,7 @@ def _stand_in_records(study: Study, env: dict) -> dict:
     return {r.read_id: r for r in read_bam(out)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("emit", ["bam", "fastq.gz"])
 def test_emit_variants_publish_every_read_once(study: Study, emit):
     _small_dataset(study)

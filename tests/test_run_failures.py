@@ -2,6 +2,8 @@
 import os
 import signal
 
+import pytest
+
 from helpers import (
     REAL_POD5, Study, assert_work_tree_clean, batch, check_outputs, events, files_by_rel, pid_alive,
     wait_for,
@@ -14,6 +16,7 @@ def _by_batch(study: Study, batch_id: int) -> dict:
     return {rel: r for rel, r in files_by_rel(study.ledger).items() if r.batch_id == batch_id}
 
 
+@pytest.mark.slow
 def test_corrupt_and_truncated_files_fail_with_their_error_and_good_ones_are_done(study: Study):
     make_dataset(study.input, 12, seed=11, hostile_names=False)
     (study.input / "real").mkdir()
@@ -72,6 +75,7 @@ def test_corrupt_and_truncated_files_fail_with_their_error_and_good_ones_are_don
     assert_work_tree_clean(study)
 
 
+@pytest.mark.slow
 def test_dorado_crash_counts_attempts_then_fails_with_the_error_kept(study: Study):
     make_dataset(study.input, 3, seed=12, hostile_names=False)
     study.init("--batch-files", 8, "--max-attempts", 2)
@@ -110,6 +114,7 @@ def test_dorado_crash_counts_attempts_then_fails_with_the_error_kept(study: Stud
     assert_work_tree_clean(study)
 
 
+@pytest.mark.slow
 def test_dorado_hang_is_bounded_by_the_batch_timeout(study: Study):
     make_dataset(study.input, 3, seed=13, hostile_names=False)
     flag = study.root / "hang"
@@ -136,6 +141,7 @@ def test_dorado_hang_is_bounded_by_the_batch_timeout(study: Study):
     assert_work_tree_clean(study)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_batch_stops_dorado_releases_the_batch_and_exits_143(study: Study):
     make_dataset(study.input, 4, seed=14, hostile_names=True)
     study.init("--batch-files", 8)

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from ledgerbc import models
 from ledgerbc.db import Ledger
 from ledgerbc.testkit.synth import make_dataset
-from recovery_helpers import check_exactly_once
+from helpers import check_exactly_once
 
 from .conftest import cli, install_gpu_probe, job_env, ledgerbc_exe, task_logs, wait_for, write_task_wrapper
 
