@@ -359,7 +359,7 @@ def upgrade(ledger_path):
      help="Where the demo's input, output and ledger go.")
 @opt("--workers", default=4, show_default=True, type=Whole(1), help="Local worker processes.")
 @opt("--files", default=60, show_default=True, type=Whole(0), help="Synthetic pod5 files to add.")
-@opt("--testdata", default=None, type=click.Path(path_type=Path), help="Real pod5 folder to include "
+@opt("--testdata", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Real pod5 folder to include "
      "(default: ../shared/testdata/real-pod5 when present).")
 @click.pass_context
 def demo(ctx, folder, workers, files, testdata):

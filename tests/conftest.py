@@ -18,7 +18,7 @@ from ledgerbc.testkit.synth import make_dataset
 
 # What the test harness itself reads (CI's switches, the cluster's addresses): kept. Every other LEDGERBC_*
 # is an option or a knob of the product, which a developer's shell must not slip into a test.
-HARNESS_PREFIXES = ("LEDGERBC_TEST_", "LEDGERBC_REQUIRE_", "LEDGERBC_CI_")
+HARNESS_PREFIXES = ("LEDGERBC_TEST_", "LEDGERBC_REQUIRE_", "LEDGERBC_CI_", "LEDGERBC_QC_", "LEDGERBC_CHROMIUM")
 
 
 @pytest.fixture(autouse=True)

@@ -366,6 +366,7 @@ BAD_VALUES = [
     (["submit", "--tasks", "0"], "Error: invalid value for --tasks: 0 is too small. Give 1 or more."),
     (["submit", "--tasks", "2", "--gpus-per-task", "-1"],
      "Error: invalid value for --gpus-per-task: -1 is too small. Give 0 or more."),
+    (["demo", "--testdata", "nowhere"], "Error: invalid value for --testdata: Directory 'nowhere' does not exist."),
     (["demo", "--workers", "none"],
      "Error: invalid value for --workers: 'none' is not a whole number. Give one of at least 1, like 2."),
 ]

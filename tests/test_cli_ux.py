@@ -221,10 +221,11 @@ def test_init_with_dorado_found_does_not_warn_about_it(tmp_path):
 def test_the_demo_shows_progress_in_place_on_a_terminal(tmp_path):
     import pty
 
+    (tmp_path / "no-real-files").mkdir()  # only the synthetic files: a short demo
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ledgerbc.cli", "demo", "--dir", str(tmp_path / "demo"), "--files", "4",
-         "--workers", "2", "--testdata", str(tmp_path / "none")],
+         "--workers", "2", "--testdata", str(tmp_path / "no-real-files")],
         stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary, cwd=tmp_path, env=dict(os.environ),
     )
     os.close(secondary)
@@ -237,8 +238,8 @@ def test_the_demo_shows_progress_in_place_on_a_terminal(tmp_path):
         if not data:
             break
         chunks.append(data)
-    assert proc.wait(timeout=300) == 0
     text = b"".join(chunks).decode(errors="replace")
+    assert proc.wait(timeout=300) == 0, text[-3000:]
     drawn = re.findall(r"\rprogress: (\d+)/(\d+) files done", text)
     assert drawn and drawn[-1] == ("4", "4"), text[-2000:]
     assert "workers finished" in text

@@ -27,6 +27,9 @@ MIN_QSCORE = 10
 # (BAM, the input it stands for: a <rel>.pod5 with folders and a blank, as a study has them)
 SOURCES = (("Kit14_hac.bam", "run1/SQK-LSK114.pod5"), ("HAC_5mC_5hmC.bam", "run 2/subset-subset.pod5"))
 BARCODES = ("barcode01", "barcode02", "unclassified")
+# Each test runs a real pycoQC, NanoPlot or Chromium (seconds to tens of seconds each, venvs built on first
+# use): CI runs them; the quick developer run (`pytest -m "not slow"`) leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def _iso(text: str) -> datetime.datetime:

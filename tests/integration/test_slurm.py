@@ -25,7 +25,7 @@ from helpers import check_exactly_once
 
 from .conftest import cli, install_gpu_probe, job_env, ledgerbc_exe, task_logs, wait_for, write_task_wrapper
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # minutes of real Slurm jobs
 
 LONG_LEASE = ["--lease", "10m", "--heartbeat", "2s", "--clock-skew", "10s"]
 
