@@ -18,7 +18,7 @@ setup(
     packages=find_packages(include=["ledgerbc", "ledgerbc.*"]),
     include_package_data=True,
     package_data={
-        "ledgerbc": ["slurm_array.sh", "alembic.ini"],
+        "ledgerbc": ["slurm_array.sh", "slurm_finalize.sh", "alembic.ini"],
         "ledgerbc.migrations": ["script.py.mako", "versions/*.py"],
     },
     install_requires=[
@@ -30,6 +30,7 @@ setup(
         "pysam>=0.22,<0.26",
         "numpy>=1.24,<3",  # split.py (qscores) and the synthetic pod5 writer import it
         "isal>=1.6,<2",  # ISA-L deflate for fastq.gz and BAM outputs (writers.py falls back to zlib)
+        "matplotlib>=3.7,<4",  # the run report's figures, as inline SVG (imported only by report.py)
     ],
     # test-only: playwright drives Debian's chromium (never a browser of its own; see tests/clients.py).
     # pycoQC and NanoPlot are test-only too, each in its own venv (ci/qc/*.txt), never dependencies here.

@@ -370,6 +370,41 @@ def demo(ctx, folder, workers, files, testdata):
     ctx.exit(0 if left == 0 else 1)
 
 
+# -- final products ------------------------------------------------------------------------------------
+@cli.command()
+@ledger_option
+@opt("--partial", is_flag=True, help="Go ahead while files are unfinished: products of the done files only.")
+def finalize(ledger_path, partial):
+    """Per-sample products, sequencing_summary.txt and report.html in OUTPUT_DIR/final."""
+    from .finalize import finalize as make_products
+
+    update, close = _progress("finalizing")
+    try:
+        result = make_products(open_ledger(ledger_path), partial=partial, progress=update)
+    finally:
+        if close:
+            close()
+    for w in result.warnings:
+        click.echo(f"Warning: {w}", err=True)
+    for line in result.lines():
+        click.echo(line)
+
+
+@cli.command()
+@ledger_option
+@opt("-o", "--output", "output", default=None, envvar="LEDGERBC_REPORT_OUTPUT",
+     help="Write the page here ('-': standard output). Default: OUTPUT_DIR/final/report.html.")
+def report(ledger_path, output):
+    """The run report alone: one self-contained HTML page (works offline)."""
+    from .report import render_report, save_report
+
+    ledger = open_ledger(ledger_path)
+    if output == "-":
+        click.echo(render_report(ledger), nl=False)
+    else:
+        click.echo(f"report written: {save_report(ledger, output)}")
+
+
 # -- Slurm and health ----------------------------------------------------------------------------------
 @cli.command()
 @ledger_option
@@ -383,8 +418,12 @@ def demo(ctx, folder, workers, files, testdata):
 @opt("--mem", default=None, help="sbatch --mem, e.g. 32G.")
 @opt("--run-arg", "run_args", multiple=True,
      help="An option for every task's `ledgerbc run` (repeatable), e.g. --run-arg=--follow.")
+@opt("--finalize", "then_finalize", is_flag=True,
+     help="Also submit `ledgerbc finalize` (no GPU), started when the array has ended (afterany).")
+@opt("--finalize-partition", default=None, help="sbatch --partition of the finalize job (default: the cluster's).")
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def submit(ledger_path, tasks, partition, time, gpus_per_task, account, cpus_per_task, mem, run_args, extra):
+def submit(ledger_path, tasks, partition, time, gpus_per_task, account, cpus_per_task, mem, run_args, then_finalize,
+           finalize_partition, extra):
     """Submit a Slurm array of workers (slurm_array.sh); sbatch options after `--` go to sbatch."""
     import shlex
 
@@ -396,6 +435,11 @@ def submit(ledger_path, tasks, partition, time, gpus_per_task, account, cpus_per
     job_id = slurm.submit(ledger, tasks, **options)
     click.echo(f"submitted array job {job_id} ({tasks} tasks)")
     click.echo(f"sbatch command: {shlex.join(slurm.build_sbatch_argv(ledger, tasks, **options))}")
+    if then_finalize:
+        final_id = slurm.submit_finalize(ledger, job_id, partition=finalize_partition, account=account)
+        click.echo(f"submitted finalize job {final_id} (starts when array job {job_id} has ended)")
+        argv = slurm.build_finalize_argv(ledger, job_id, partition=finalize_partition, account=account)
+        click.echo(f"sbatch command: {shlex.join(argv)}")
     click.echo(f"watch it: ledgerbc status --ledger {shlex.quote(str(ledger))} --watch 30")
 
 

@@ -73,3 +73,15 @@ class StorageFull(LedgerError):
     the batch was given back (DESIGN §4 Storage full)."""
 
     exit_code = 11
+
+
+class NotFinished(LedgerError):
+    """`finalize` without --partial while files are still pending, claimed or waiting."""
+
+    exit_code = 12
+
+
+class OutputDamaged(LedgerError):
+    """`finalize` met a published output that is missing, changed since publication, or cannot be concatenated."""
+
+    exit_code = 12

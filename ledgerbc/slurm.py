@@ -39,6 +39,11 @@ def array_script() -> Path:
     return Path(str(resources.files("ledgerbc") / "slurm_array.sh"))
 
 
+def finalize_script() -> Path:
+    """The installed `slurm_finalize.sh`: the finalize job `submit --finalize` chains after the array."""
+    return Path(str(resources.files("ledgerbc") / "slurm_finalize.sh"))
+
+
 def build_sbatch_argv(ledger, tasks: int, partition=None, time=None, gpus_per_task: int = 1, account=None,
                       cpus_per_task=None, mem=None, extra=(), run_args=()) -> list[str]:
     """The sbatch argv for an array of `tasks` workers on `ledger`; `extra` goes before the script
@@ -59,6 +64,20 @@ def build_sbatch_argv(ledger, tasks: int, partition=None, time=None, gpus_per_ta
             argv.append(f"{flag}={value}")
     argv += [str(a) for a in extra]
     argv += [str(array_script()), str(Path(ledger).absolute()), *[str(a) for a in run_args]]
+    return argv
+
+
+def build_finalize_argv(ledger, after_job: str, partition=None, account=None, extra=()) -> list[str]:
+    """The sbatch argv of the finalize job: it starts when every task of `after_job` has ended
+    (`afterany`: whatever their exit status), asks for no GPU, and runs `ledgerbc finalize`."""
+    if not re.fullmatch(r"\d+", str(after_job)):
+        raise BadInput(f"not a Slurm job id: {after_job!r}.")
+    argv = ["sbatch", "--parsable", f"--dependency=afterany:{after_job}"]
+    for flag, value in (("--partition", partition), ("--account", account)):
+        if value is not None and value != "":
+            argv.append(f"{flag}={value}")
+    argv += [str(a) for a in extra]
+    argv += [str(finalize_script()), str(Path(ledger).absolute())]
     return argv
 
 
@@ -111,3 +130,8 @@ def submit(ledger, tasks: int, partition=None, time=None, gpus_per_task: int = 1
     argv = build_sbatch_argv(path, tasks, partition=partition, time=time, gpus_per_task=gpus_per_task,
                              account=account, cpus_per_task=cpus_per_task, mem=mem, extra=extra, run_args=run_args)
     return run_sbatch(argv)
+
+
+def submit_finalize(ledger, after_job: str, partition=None, account=None, extra=()) -> str:
+    """Submit the finalize job after the array job `after_job`; return its job id."""
+    return run_sbatch(build_finalize_argv(ledger, after_job, partition=partition, account=account, extra=extra))

@@ -3,15 +3,25 @@
 The JSON schema is documented in the README ("status --json") and versioned by its `schema` key.
 """
 
+import os
+import stat
+from pathlib import Path
+
 import sqlalchemy as sa
 
 from . import follow, lease, models
+from .layout import Layout
 from .models import Batch, Pod5File, Worker
 from .units import format_duration, format_size
 
 SCHEMA = "ledgerbc.status/1"
 THROUGHPUT_WINDOW = 600.0  # seconds of recent publications the throughput is measured over
 LIST_LIMIT = 50
+# A running batch whose lease is alive but whose output (dorado's BAM in staging, its log) has not changed
+# for this many heartbeat intervals is flagged `stalled`: a hung dorado, a stuck GPU, a dead filesystem
+# mount. dorado writes records as it basecalls and logs as it goes, so 10 intervals (10 min at the default
+# 60 s) without a byte is far past its start-up (~10-20 s) and a slow batch's pace.
+STALL_HEARTBEATS = 10
 
 
 def collect(conn, now: float, settings) -> dict:
@@ -59,9 +69,11 @@ def collect(conn, now: float, settings) -> dict:
             "batch_id": b.id, "worker_id": b.worker_id, "files": b.n_files, "bytes": b.n_bytes,
             "heartbeat_age_s": round(now - b.heartbeat_at, 1), "running_s": round(now - b.claimed_at, 1),
             "_lease_holder": lease.owner(b.worker_id, b.token),
+            "_token": b.token,
         }
         for b in conn.execute(sa.select(Batch).where(Batch.state == models.RUNNING).order_by(Batch.id)).all()
     ]
+    _worker_speeds(conn, workers, running)
     failed = [
         {"path": r.rel_path, "attempts": r.attempts, "error": r.last_error}
         for r in conn.execute(
@@ -104,6 +116,55 @@ def collect(conn, now: float, settings) -> dict:
     }
 
 
+def _worker_speeds(conn, workers: list[dict], running: list[dict]) -> None:
+    """Per running worker: its current batch, and its speed over its done batches (signal samples per second
+    of basecalling; pod5 bytes per second too, the only one on ledgers whose files have no sample count)."""
+    current = {b["worker_id"]: b for b in running}
+    live = [w["worker_id"] for w in workers if w["state"] == models.WORKER_RUNNING]
+    speeds, seconds = {}, {}
+    if live:
+        f, b = Pod5File, Batch
+        speeds = {r[0]: r[1:] for r in conn.execute(
+            sa.select(b.worker_id, sa.func.sum(f.samples), sa.func.count(f.samples), sa.func.count(), sa.func.sum(f.size))
+            .join(b, b.id == f.batch_id).where(f.state == models.DONE, b.worker_id.in_(live)).group_by(b.worker_id))}
+        seconds = dict(conn.execute(
+            sa.select(b.worker_id, sa.func.sum(b.finished_at - b.claimed_at))
+            .where(b.state == models.BATCH_DONE, b.worker_id.in_(live)).group_by(b.worker_id)).all())
+    for w in workers:
+        batch = current.get(w["worker_id"])
+        w["current_batch"] = batch["batch_id"] if batch else None
+        w["current_batch_s"] = batch["running_s"] if batch else None
+        samples, with_samples, n_files, size = speeds.get(w["worker_id"], (None, 0, 0, None))
+        busy = seconds.get(w["worker_id"]) or 0.0
+        w["samples_per_s"] = round(samples / busy, 1) if busy > 0 and n_files and with_samples == n_files else None
+        w["bytes_per_s"] = round(size / busy, 1) if busy > 0 and size else None
+        w["output_age_s"] = None
+        w["stalled"] = False
+
+
+def _output_moved(layout, batch: dict) -> float | None:
+    """The newest mtime of a running batch's log and staging entries (dorado's BAM grows there), or None."""
+    newest = None
+    candidates = [layout.log(batch["batch_id"]), layout.staging(batch["batch_id"], batch.get("_token"))]
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        newest = max(newest or 0.0, st.st_mtime)
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                with os.scandir(path) as entries:
+                    for entry in entries:
+                        try:
+                            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+                        except OSError:
+                            pass
+            except OSError:
+                pass
+    return newest
+
+
 def report(ledger) -> dict:
     settings = ledger.read_settings()
     now = ledger.clock()
@@ -119,6 +180,20 @@ def report(ledger) -> dict:
     for w in data["workers"]:
         if w["worker_id"] in freshest:
             w["heartbeat_age_s"] = min(w["heartbeat_age_s"], freshest[w["worker_id"]])
+    # Output that has not moved while the lease is alive: also file reads, after the transaction.
+    layout = Layout(Path(settings.output_dir))
+    by_worker = {w["worker_id"]: w for w in data["workers"]}
+    for b in data["running_batches"]:
+        moved = _output_moved(layout, b)
+        w = by_worker.get(b["worker_id"])
+        if w is None:
+            continue
+        age = now - max(moved or 0.0, now - b["running_s"])  # not before its claim
+        w["output_age_s"] = round(age, 1)
+        alive = b["heartbeat_age_s"] <= settings.lease
+        w["stalled"] = bool(alive and age > STALL_HEARTBEATS * settings.heartbeat)
+    for b in data["running_batches"]:
+        b.pop("_token", None)
     return data
 
 
@@ -147,9 +222,19 @@ def render(data: dict) -> str:
     live = [w for w in data["workers"] if w["state"] == "running"]
     lines.append(f"workers: {len(live)} running, {len(data['workers']) - len(live)} exited")
     if live:
-        lines.append(f"  {'worker':<36} {'device':<10} {'heartbeat':>10} {'batches':>8}")
+        lines.append(f"  {'worker':<36} {'device':<10} {'heartbeat':>10} {'batches':>8}  {'batch':>8} {'for':>8}  speed")
         for w in live:
-            lines.append(f"  {w['worker_id']:<36} {str(w['device'] or '-'):<10} {w['heartbeat_age_s']:>9.0f}s {w['batches_done']:>8}")
+            batch = w.get("current_batch")
+            since = format_duration(w["current_batch_s"]) if batch is not None else "-"
+            if w.get("samples_per_s") is not None:
+                speed = f"{w['samples_per_s'] / 1e6:.2f} M samples/s"
+            elif w.get("bytes_per_s") is not None:
+                speed = f"{format_size(w['bytes_per_s'])}/s"
+            else:
+                speed = "-"
+            flag = (f"  STALLED: no output for {format_duration(w['output_age_s'])}" if w.get("stalled") else "")
+            lines.append(f"  {w['worker_id']:<36} {str(w['device'] or '-'):<10} {w['heartbeat_age_s']:>9.0f}s "
+                         f"{w['batches_done']:>8}  {str(batch if batch is not None else '-'):>8} {since:>8}  {speed}{flag}")
     if data["running_batches"]:
         lines.append(f"running batches: {len(data['running_batches'])}")
         for b in data["running_batches"][:20]:

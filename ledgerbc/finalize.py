@@ -1,0 +1,289 @@
+"""`ledgerbc finalize`: one product per sample from the published outputs, the merged summary, the report.
+
+Per sample (the `<barcode>` folder name — the sample sheet's alias, `barcodeNN`, `unclassified` — or `all`
+for an unbarcoded study) it writes `final/<sample>.pass.<emit>` and `final/<sample>.fail.<emit>` (the
+second empty when the sample has no failing read), then `final/sequencing_summary.txt` and
+`final/report.html` (DESIGN §7). Inputs are the outputs of done files as the `outputs` table records them,
+in input path order, so a rerun over the same done files gives byte-identical products; a done file
+without `outputs` rows (a ledger from before they were recorded) contributes `pass/<rel>`, `fail/<rel>`
+and `summary/<rel>.tsv` where they exist, as sample `all`. Nothing is decompressed (concat.py).
+
+Each product is written to a hidden temp name in final/, fsynced, and renamed over the old one, so an
+interrupted finalize leaves every product either as it was or complete and new. The ledger is only read
+(one transaction); everything under final/ is derived from it and the published outputs.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from . import concat, models
+from .durable import fsync_dir
+from .errors import LockTimeout, NotFinished, OutputDamaged
+from .layout import output_relpath
+from .units import format_size
+
+FINAL = "final"
+SUMMARY_NAME = "sequencing_summary.txt"
+REPORT_NAME = "report.html"
+UNBARCODED = "all"
+# DESIGN §5: the header of sequencing_summary.txt when no input has a summary file yet.
+SUMMARY_COLUMNS = (
+    "filename", "read_id", "parent_read_id", "run_id", "channel", "mux", "start_time", "duration",
+    "passes_filtering", "sequence_length_template", "mean_qscore_template", "num_samples", "barcode_arrangement",
+)
+UNFINISHED = (models.PENDING, models.CLAIMED, models.WAITING)
+LIST_LIMIT = 50  # missing files printed by --partial
+_TEMP = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+_SAMPLE_OK = re.compile(r"^[^/\0.][^/\0]*$")
+
+
+@dataclass
+class Piece:
+    """One published output that goes into a product."""
+
+    rel: str            # the input's path relative to INPUT_DIR
+    sample: str
+    kind: str           # pass | fail | summary
+    path: Path
+    size: int = 0
+
+
+@dataclass
+class Plan:
+    """What finalize will concatenate, read from the ledger in one transaction."""
+
+    emit: str
+    final: Path
+    counts: dict[str, int]
+    unfinished: list[str]
+    pieces: list[Piece]
+    without_summary: int = 0
+
+    def products(self) -> dict[str, dict[str, list[Piece]]]:
+        """{sample: {"pass": [...], "fail": [...]}} in sample-name order, pieces in input path order."""
+        out: dict[str, dict[str, list[Piece]]] = {}
+        for p in self.pieces:
+            if p.kind != models.SUMMARY:
+                out.setdefault(p.sample, {models.PASS: [], models.FAIL: []})[p.kind].append(p)
+        return dict(sorted(out.items()))
+
+    @property
+    def summaries(self) -> list[Piece]:
+        return [p for p in self.pieces if p.kind == models.SUMMARY]
+
+
+@dataclass
+class Product:
+    path: Path
+    inputs: int | None  # published outputs concatenated into it (None: the report)
+    size: int
+
+    def line(self) -> str:
+        made_of = f"{self.inputs} outputs, " if self.inputs is not None else ""
+        return f"{self.path}: {made_of}{format_size(self.size)}"
+
+
+@dataclass
+class FinalizeResult:
+    products: list[Product] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # files not basecalled yet (--partial)
+
+    def lines(self) -> list[str]:
+        return [p.line() for p in self.products]
+
+
+def plan(ledger, partial: bool = False) -> Plan:
+    """Read what to finalize; NotFinished (exit 12) while files are unfinished, unless `partial`."""
+    settings = ledger.read_settings()
+    output = Path(settings.output_dir)
+    emit = settings.emit
+
+    def txn(conn):
+        f, o = models.Pod5File, models.Output
+        counts = dict(conn.execute(sa.select(f.state, sa.func.count()).group_by(f.state)).all())
+        waiting = sum(counts.get(s, 0) for s in UNFINISHED)
+        if waiting and not partial:
+            detail = ", ".join(f"{counts[s]} {s}" for s in UNFINISHED if counts.get(s))
+            raise NotFinished(
+                f"{waiting} files are not basecalled yet ({detail}). Wait until `ledgerbc status` shows none, "
+                "or run `ledgerbc finalize --partial` for products of the done files only."
+            )
+        unfinished = conn.execute(
+            sa.select(f.rel_path).where(f.state.in_(UNFINISHED)).order_by(f.rel_path)).scalars().all()
+        recorded = conn.execute(
+            sa.select(f.rel_path, o.kind, o.barcode, o.path).join(o, o.file_id == f.id)
+            .where(f.state == models.DONE).order_by(f.rel_path, o.kind, o.barcode, o.path)
+        ).all()
+        unrecorded = conn.execute(
+            sa.select(f.rel_path).where(f.state == models.DONE, ~sa.exists().where(o.file_id == f.id))
+            .order_by(f.rel_path)
+        ).scalars().all()
+        return counts, unfinished, recorded, unrecorded
+
+    counts, unfinished, recorded, unrecorded = ledger.transact(txn)
+    pieces, seen = [], set()
+    for rel, kind, barcode, path in recorded:
+        if path in seen:
+            continue
+        seen.add(path)
+        sample = barcode or UNBARCODED
+        if not _SAMPLE_OK.match(sample):
+            raise OutputDamaged(f"the ledger names the sample folder {sample!r}, which cannot be a file name. "
+                                "Run `ledgerbc verify`.")
+        pieces.append(Piece(rel, sample, kind, output / path))
+    # Done files the ledger has no `outputs` rows for (published before they were recorded): by layout.
+    without_summary = 0
+    for rel in unrecorded:
+        name = output_relpath(rel, emit)
+        pieces.append(Piece(rel, UNBARCODED, models.PASS, output / "pass" / name))
+        fail = output / "fail" / name
+        if fail.exists():
+            pieces.append(Piece(rel, UNBARCODED, models.FAIL, fail))
+        summary = output / "summary" / (rel[: -len(".pod5")] if rel.endswith(".pod5") else rel)
+        summary = summary.with_name(summary.name + ".tsv")
+        if summary.exists():
+            pieces.append(Piece(rel, UNBARCODED, models.SUMMARY, summary))
+        else:
+            without_summary += 1
+    if unrecorded and recorded:
+        pieces.sort(key=lambda p: (p.rel, p.kind, p.sample, str(p.path)))
+    return Plan(emit=emit, final=output / FINAL, counts=counts, unfinished=unfinished, pieces=pieces,
+                without_summary=without_summary)
+
+
+def _stat_all(plan: Plan) -> None:
+    """Every input must be in place before anything is written (fail fast, not half-way)."""
+    for p in plan.pieces:
+        try:
+            p.size = os.stat(p.path).st_size
+        except FileNotFoundError:
+            raise OutputDamaged(
+                f"{p.path} (an output of the done input {p.rel}) is missing. Run `ledgerbc verify`, then "
+                "`ledgerbc recover` to queue its input again."
+            ) from None
+
+
+class _Progress:
+    def __init__(self, callback, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.callback:
+            self.callback(self.done, self.total)
+
+
+def _lock(final: Path) -> int:
+    fd = os.open(final / ".finalize.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockTimeout(f"another `ledgerbc finalize` is writing {final}. Wait for it to end.") from None
+    return fd
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Temp files of an interrupted finalize (we hold the finalize lock: no other one is writing)."""
+    for entry in os.scandir(final):
+        if _TEMP.match(entry.name):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def _rename_into_place(tmp: Path, final_path: Path) -> None:
+    os.replace(tmp, final_path)
+    fsync_dir(final_path.parent)
+
+
+def write_product(final_path: Path, fill, progress=None) -> int:
+    """Write a product through `fill(copier)` to a temp name beside `final_path`, fsync, rename; its size."""
+    tmp = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        fill(concat.Copier(fd, progress))
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    _rename_into_place(tmp, final_path)
+    return size
+
+
+def finalize(ledger, partial: bool = False, progress=None) -> FinalizeResult:
+    """Write the per-sample products, sequencing_summary.txt and report.html under OUTPUT_DIR/final.
+
+    Refuses (NotFinished, exit 12) while files are pending, claimed or waiting, unless `partial`; then
+    the result lists them. `progress(done_bytes, total_bytes)` is called as data is copied.
+    """
+    p = plan(ledger, partial)
+    result = FinalizeResult(missing=list(p.unfinished))
+    if p.unfinished:
+        shown = "; ".join(p.unfinished[:LIST_LIMIT])
+        more = f" and {len(p.unfinished) - LIST_LIMIT} more" if len(p.unfinished) > LIST_LIMIT else ""
+        result.warnings.append(
+            f"partial products: {len(p.unfinished)} files are not basecalled yet and are missing from them: "
+            f"{shown}{more}. Run `ledgerbc finalize` again once `ledgerbc status` shows none pending."
+        )
+    failed = p.counts.get(models.FAILED, 0)
+    if failed:
+        result.warnings.append(f"{failed} failed files are not in the products (`ledgerbc status` lists them, "
+                               "`ledgerbc retry --all-failed` queues them again).")
+    if p.without_summary:
+        result.warnings.append(f"{p.without_summary} done files have no summary/ file (published by an older "
+                               f"ledgerbc): {SUMMARY_NAME} lacks their reads.")
+    _stat_all(p)
+    p.final.mkdir(parents=True, exist_ok=True)
+    lock = _lock(p.final)
+    try:
+        _remove_stale_temps(p.final)
+        moved = _Progress(progress, sum(piece.size for piece in p.pieces))
+        for sample, kinds in p.products().items():
+            result.products += _write_sample(p, sample, kinds, moved)
+        summaries = [piece.path for piece in p.summaries]
+        default = ("\t".join(SUMMARY_COLUMNS) + "\n").encode()
+        path = p.final / SUMMARY_NAME
+        size = write_product(path, lambda c: concat.append_summaries(c, summaries, default), moved)
+        result.products.append(Product(path, len(summaries), size))
+        from .report import save_report
+
+        path = save_report(ledger, p.final / REPORT_NAME)
+        result.products.append(Product(path, None, path.stat().st_size))
+    finally:
+        os.close(lock)
+    return result
+
+
+def _write_sample(p: Plan, sample: str, kinds: dict[str, list[Piece]], progress) -> list[Product]:
+    products = []
+    header = bams = None
+    if p.emit == "bam":  # one header for both products of the sample (a superset of their read groups)
+        header = concat.MergedHeader()
+        bams = {}
+        for piece in kinds[models.PASS] + kinds[models.FAIL]:
+            bams[piece.path] = bam = concat.read_bam_header(piece.path)
+            header.add(bam)
+    for kind in (models.PASS, models.FAIL):
+        pieces = kinds[kind]
+        path = p.final / f"{sample}.{kind}.{p.emit}"
+        if p.emit == "bam":
+            def fill(copier, pieces=pieces):
+                concat.write_bam(copier, [bams[piece.path] for piece in pieces], header)
+        elif p.emit == "fastq.gz" and not pieces:
+            def fill(copier):
+                copier.write(concat.EMPTY_GZIP)  # an empty product must still be a gzip file
+        else:
+            def fill(copier, pieces=pieces):
+                concat.append_files(copier, [piece.path for piece in pieces])
+        products.append(Product(path, len(pieces), write_product(path, fill, progress)))
+    return products
