@@ -272,3 +272,61 @@ def test_submit_refuses_an_unsafe_mount_before_sbatch(sbatch, hostile_ledger, tm
     result = invoke("submit", "--ledger", hostile_ledger, "--tasks", 2)
     assert result.exit_code == errors.UnsafeFilesystem.exit_code
     assert "nolock" in result.stderr and not sbatch.calls()
+
+
+# -- submit --finalize: the finalize job chained after the array ------------------------------------------------
+def test_golden_finalize_argv():
+    script = str(slurm.finalize_script())
+    assert slurm.build_finalize_argv("/data/run 1/ledgerbc.db", "4242") == [
+        "sbatch", "--parsable", "--dependency=afterany:4242", script, "/data/run 1/ledgerbc.db"]
+    assert slurm.build_finalize_argv("/l.db", "977", partition="io", account="lab", extra=["--time=2:00:00"]) == [
+        "sbatch", "--parsable", "--dependency=afterany:977", "--partition=io", "--account=lab", "--time=2:00:00",
+        script, "/l.db"]
+    with pytest.raises(errors.BadInput):
+        slurm.build_finalize_argv("/l.db", "12; rm -rf /")
+
+
+def test_finalize_script_is_installed_asks_no_gpu_and_execs_finalize(tmp_path):
+    script = slurm.finalize_script()
+    assert script.is_file() and os.access(script, os.X_OK)
+    directives = [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert directives == ["--job-name=ledgerbc-finalize", "--ntasks=1", "--output=ledgerbc-finalize-%j.out"]
+    record = tmp_path / "exe-record.json"
+    fake = tmp_path / "fake ledgerbc"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump({{'argv': sys.argv[1:], 'ledger': os.environ.get('LEDGERBC_LEDGER'), 'pid': os.getpid()}}, "
+                    f"open({str(record)!r}, 'w'))\n", encoding="utf-8")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
+    env["LEDGERBC_EXE"] = str(fake)
+    ledger = f"/shared/{HOSTILE_DIR}/ledger.db"
+    proc = subprocess.Popen(["bash", str(script), ledger, "--partial"], env=env, cwd=tmp_path)
+    assert proc.wait(timeout=30) == 0
+    data = json.loads(record.read_text())
+    assert data == {"argv": ["finalize", "--partial"], "ledger": ledger, "pid": proc.pid}
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_submit_finalize_chains_a_second_sbatch_after_the_array(sbatch, hostile_ledger, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("submit", "--ledger", hostile_ledger, "--tasks", 4, "--partition", "gpu", "--account", "lab",
+                    "--finalize", "--finalize-partition", "io")
+    assert result.exit_code == 0, result.output
+    assert sbatch.calls() == [
+        ["--parsable", "--array=0-3", "--partition=gpu", "--gpus-per-task=1", "--account=lab",
+         str(slurm.array_script()), str(hostile_ledger)],
+        ["--parsable", "--dependency=afterany:4242", "--partition=io", "--account=lab",
+         str(slurm.finalize_script()), str(hostile_ledger)],
+    ]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "submitted array job 4242 (4 tasks)"
+    assert lines[2] == "submitted finalize job 4242 (starts when array job 4242 has ended)"
+    import shlex
+
+    assert shlex.split(lines[3].split(": ", 1)[1]) == ["sbatch"] + sbatch.calls()[1]
+    assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_submit_without_finalize_submits_one_job(sbatch, hostile_ledger):
+    assert invoke("submit", "--ledger", hostile_ledger, "--tasks", 2).exit_code == 0
+    assert len(sbatch.calls()) == 1

@@ -6,7 +6,7 @@ columns — through ledgerbc's own output writers, and records the done file, it
 row per file in the ledger, as a publication would. Records carry dorado's tags (`qs`, `fn`, `RG`, `BC`
 when barcoded, `st`, `ch`, `mx`, `ns`, `du`); every input's BAM header has dorado's @HD/@PG/@RG lines with
 the @PG `CL` of its own batch, as real per-input outputs do. `expected` keeps, per (sample, kind), the
-record ids in input path order: what the final products must hold.
+record ids per input: what the final products must hold (`ids`).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class FinishedStudy:
     emit: str
     barcodes: tuple | None  # the <barcode> folder names, None: unbarcoded
     ledger: db.Ledger = None
-    expected: dict = field(default_factory=dict)  # (sample, kind) -> [record ids in input path order]
+    expected: dict = field(default_factory=dict)  # (sample, kind) -> [(rel, [record ids])], see `ids`
     summary_rows: int = 0
     inputs: list = field(default_factory=list)
     _batch: int = 0
@@ -55,6 +55,13 @@ class FinishedStudy:
         db.create_ledger_file(output / "ledgerbc.db", settings)
         return cls(output=output, emit=emit, barcodes=tuple(barcodes) if barcodes else None,
                    ledger=db.Ledger(output / "ledgerbc.db"))
+
+    def ids(self, sample: str, kind: str) -> list[str]:
+        """The record ids a final product of `sample` and `kind` must hold: its inputs' in input path order."""
+        return [i for _rel, ids in sorted(self.expected.get((sample, kind), [])) for i in ids]
+
+    def samples(self) -> list[str]:
+        return sorted({sample for sample, _kind in self.expected})
 
     def sample_of(self, barcode: str | None) -> str:
         return barcode if barcode else "all"
@@ -127,7 +134,7 @@ class FinishedStudy:
                 outputs.append(dict(kind=kind, barcode=barcode, path=path, reads=len(recs),
                                     bases=sum(r.query_length for r in recs), bytes=len(data),
                                     checksum=f"crc32:{zlib.crc32(data):08x}"))
-                self.expected.setdefault((self.sample_of(barcode), kind), []).extend(r.query_name for r in recs)
+                self.expected.setdefault((self.sample_of(barcode), kind), []).append((rel, [r.query_name for r in recs]))
         spath = "summary/" + output_relpath(rel, "fastq")[: -len(".fastq")] + ".tsv"
         (self.output / spath).parent.mkdir(parents=True, exist_ok=True)
         (self.output / spath).write_text("\n".join(summary) + "\n")
