@@ -199,8 +199,7 @@ def _remove_stale_temps(final: Path) -> None:
 
 
 def _rename_into_place(tmp: Path, final_path: Path) -> None:
-    os.replace(tmp, final_path)
-    fsync_dir(final_path.parent)
+    os.replace(tmp, final_path)  # the folder is fsynced once, after the last product (`finalize`)
 
 
 def write_product(final_path: Path, fill, progress=None) -> int:
@@ -259,6 +258,7 @@ def finalize(ledger, partial: bool = False, progress=None) -> FinalizeResult:
 
         path = save_report(ledger, p.final / REPORT_NAME)
         result.products.append(Product(path, None, path.stat().st_size))
+        fsync_dir(p.final)  # one journal commit for every rename (a crash before it keeps old products)
     finally:
         os.close(lock)
     return result

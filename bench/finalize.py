@@ -1,0 +1,125 @@
+"""`finalize` throughput against `cat` of the same files, side by side (target: within 80% of cat).
+
+For each emit (fastq, fastq.gz, bam): a finished unbarcoded study of --files inputs whose pass/ and fail/
+outputs hold ~--mb MB per input (4 template inputs written by ledgerbc's own writers, through
+`ledgerbc.testkit.finished`, then copied under new names with their ledger and `outputs` rows), and their
+summary/ files. Then, alternating for --rounds rounds on the same (warm) files:
+
+- `cat` of every file finalize reads (pass outputs, fail outputs, summaries, in finalize's order) into
+  one file in final/ (coreutils 9 `cat` copies with copy_file_range, as finalize does);
+- `finalize.finalize(ledger)`: the products, sequencing_summary.txt and the report (built from the ledger;
+  its share is also timed alone).
+
+Reported per emit: median time and MB/s of each, and finalize's throughput as a percentage of cat's
+(bytes read / time). On a network filesystem the copy is in the file server's hands for both.
+
+    .venv/bin/python bench/finalize.py [--files 200] [--mb 4] [--rounds 3] [--emits fastq,fastq.gz,bam] [--dir D]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fill import machine  # noqa: E402
+
+from ledgerbc import finalize, report  # noqa: E402
+from ledgerbc.testkit.finished import FinishedStudy  # noqa: E402
+
+TEMPLATES = 4
+BYTES_PER_READ = {"fastq": 3300, "fastq.gz": 1700, "bam": 1400}  # roughly, at the fixture's 50-3000 bases
+
+
+def build(root: Path, emit: str, files: int, mb: float) -> FinishedStudy:
+    study = FinishedStudy.create(root, emit=emit, barcodes=None)
+    reads = max(10, int(mb * 1e6 / BYTES_PER_READ[emit]))
+    for k in range(TEMPLATES):
+        study.add_input(f"template/t{k}.pod5", n_reads=reads, seed=k)
+    con = sqlite3.connect(study.ledger.path)
+    con.execute("PRAGMA synchronous=OFF")
+    file_cols = [r[1] for r in con.execute("PRAGMA table_info(pod5_files)") if r[1] != "id"]
+    out_cols = [r[1] for r in con.execute("PRAGMA table_info(outputs)") if r[1] not in ("id", "file_id")]
+    templates = con.execute(f"SELECT id, {', '.join(file_cols)} FROM pod5_files ORDER BY id").fetchall()
+    for i in range(files):
+        src_id, *values = templates[i % TEMPLATES]
+        row = dict(zip(file_cols, values))
+        old_rel = row["rel_path"]
+        row["rel_path"] = rel = f"run{i // 1000:02d}/pod5/PAS00000_pass_{i:06d}.pod5"
+        row["file_identifier"] = f"bench-{i}"
+        file_id = con.execute(f"INSERT INTO pod5_files ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                              list(row.values())).lastrowid
+        for values in con.execute(f"SELECT {', '.join(out_cols)} FROM outputs WHERE file_id = ?", (src_id,)).fetchall():
+            out = dict(zip(out_cols, values))
+            new_path = out["path"].replace(old_rel[: -len(".pod5")], rel[: -len(".pod5")])
+            (study.output / new_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(study.output / out["path"], study.output / new_path)
+            out.update(path=new_path, file_id=file_id)
+            con.execute(f"INSERT INTO outputs ({', '.join(out)}) VALUES ({', '.join('?' * len(out))})", list(out.values()))
+    # the templates themselves are not part of the study measured
+    con.execute("DELETE FROM outputs WHERE file_id IN (SELECT id FROM pod5_files WHERE rel_path LIKE 'template/%')")
+    con.execute("DELETE FROM pod5_files WHERE rel_path LIKE 'template/%'")
+    con.commit()
+    con.close()
+    return study
+
+
+def measure(study: FinishedStudy, rounds: int) -> dict:
+    plan = finalize.plan(study.ledger)
+    paths = [str(p.path) for p in plan.pieces if p.kind != "summary"] + [str(p.path) for p in plan.summaries]
+    total = sum(Path(p).stat().st_size for p in paths)
+    final = study.output / "final"
+    final.mkdir(exist_ok=True)
+    cat_out = final / "cat.out"
+    subprocess.run(["cat", *paths], stdout=open(cat_out, "wb"), check=True)  # warm the cache for both
+    cat_times, fin_times, report_times = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        with open(cat_out, "wb") as out:
+            subprocess.run(["cat", *paths], stdout=out, check=True)
+            out.flush()
+            os.fsync(out.fileno())  # finalize fsyncs every product: so does this side
+        cat_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        finalize.finalize(study.ledger)
+        fin_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        report.render_report(study.ledger)
+        report_times.append(time.perf_counter() - t0)
+    cat_out.unlink()
+    return dict(bytes=total, files=len(paths), cat=statistics.median(cat_times), fin=statistics.median(fin_times),
+                report=statistics.median(report_times))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, default=200, help="inputs per emit")
+    ap.add_argument("--mb", type=float, default=4.0, help="MB of pass+fail output per input, roughly")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--emits", default="fastq,fastq.gz,bam")
+    ap.add_argument("--dir", default=None, help="where the studies go (default: the system temp folder)")
+    args = ap.parse_args(argv)
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory(prefix="ledgerbc-finalize-", dir=args.dir) as tmp:
+        for emit in args.emits.split(","):
+            study = build(Path(tmp) / emit.replace(".", "_"), emit, args.files, args.mb)
+            r = measure(study, args.rounds)
+            mb = r["bytes"] / 1e6
+            print(f"{emit:>8}: {r['files']} files, {mb:,.0f} MB | cat {r['cat']:.2f} s ({mb / r['cat']:,.0f} MB/s) | "
+                  f"finalize {r['fin']:.2f} s ({mb / r['fin']:,.0f} MB/s; report {r['report']:.2f} s of it) | "
+                  f"finalize at {100 * r['cat'] / r['fin']:.0f}% of cat's throughput, "
+                  f"{100 * r['cat'] / max(1e-9, r['fin'] - r['report']):.0f}% without the report "
+                  f"(median of {args.rounds})")
+            shutil.rmtree(study.output.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
