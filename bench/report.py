@@ -28,7 +28,7 @@ from _fill import machine, new_ledger  # noqa: E402
 
 from ledgerbc import report  # noqa: E402
 from ledgerbc.db import Ledger  # noqa: E402
-from ledgerbc.testkit.finished import SUMMARY_COLUMNS  # noqa: E402
+from ledgerbc.layout import SUMMARY_COLUMNS  # noqa: E402
 
 NOW = 1_700_000_000.0
 SPAN = 10 * 3600.0

@@ -26,18 +26,12 @@ import sqlalchemy as sa
 from . import concat, models
 from .durable import fsync_dir
 from .errors import LockTimeout, NotFinished, OutputDamaged
-from .layout import output_relpath
+from .layout import SUMMARY_COLUMNS, Layout
 from .units import format_size
 
-FINAL = "final"
 SUMMARY_NAME = "sequencing_summary.txt"
 REPORT_NAME = "report.html"
 UNBARCODED = "all"
-# DESIGN §5: the header of sequencing_summary.txt when no input has a summary file yet.
-SUMMARY_COLUMNS = (
-    "filename", "read_id", "parent_read_id", "run_id", "channel", "mux", "start_time", "duration",
-    "passes_filtering", "sequence_length_template", "mean_qscore_template", "num_samples", "barcode_arrangement",
-)
 UNFINISHED = (models.PENDING, models.CLAIMED, models.WAITING)
 LIST_LIMIT = 50  # missing files printed by --partial
 _TEMP = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
@@ -142,20 +136,19 @@ def plan(ledger, partial: bool = False) -> Plan:
     # Done files the ledger has no `outputs` rows for (published before they were recorded): by layout.
     without_summary = 0
     for rel in unrecorded:
-        name = output_relpath(rel, emit)
-        pieces.append(Piece(rel, UNBARCODED, models.PASS, output / "pass" / name))
-        fail = output / "fail" / name
+        layout = Layout(output)
+        pieces.append(Piece(rel, UNBARCODED, models.PASS, layout.pass_path(rel, emit)))
+        fail = layout.fail_path(rel, emit)
         if fail.exists():
             pieces.append(Piece(rel, UNBARCODED, models.FAIL, fail))
-        summary = output / "summary" / (rel[: -len(".pod5")] if rel.endswith(".pod5") else rel)
-        summary = summary.with_name(summary.name + ".tsv")
+        summary = layout.summary_path(rel)
         if summary.exists():
             pieces.append(Piece(rel, UNBARCODED, models.SUMMARY, summary))
         else:
             without_summary += 1
     if unrecorded and recorded:
         pieces.sort(key=lambda p: (p.rel, p.kind, p.sample, str(p.path)))
-    return Plan(emit=emit, final=output / FINAL, counts=counts, unfinished=unfinished, pieces=pieces,
+    return Plan(emit=emit, final=Layout(output).final_dir, counts=counts, unfinished=unfinished, pieces=pieces,
                 without_summary=without_summary)
 
 
@@ -250,7 +243,7 @@ def finalize(ledger, partial: bool = False, progress=None) -> FinalizeResult:
         for sample, kinds in p.products().items():
             result.products += _write_sample(p, sample, kinds, moved)
         summaries = [piece.path for piece in p.summaries]
-        default = ("\t".join(SUMMARY_COLUMNS) + "\n").encode()
+        default = ("\t".join(SUMMARY_COLUMNS) + "\n").encode()  # when no input has a summary yet
         path = p.final / SUMMARY_NAME
         size = write_product(path, lambda c: concat.append_summaries(c, summaries, default), moved)
         result.products.append(Product(path, len(summaries), size))

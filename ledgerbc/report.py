@@ -26,6 +26,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from . import __version__, models
+from .layout import summary_relpath
 from .units import format_duration, format_size
 
 SAMPLE_FILES = 200  # summary files read for the read length and qscore distributions, at most
@@ -101,7 +102,7 @@ def collect(conn, now: float) -> ReportData:
         .order_by(f.rel_path)).scalars().all()
     if not summaries:  # an older ledger: the summary/ layout (whether the files exist is seen after the lock)
         rels = conn.execute(sa.select(f.rel_path).where(f.state == models.DONE).order_by(f.rel_path)).scalars().all()
-        summaries = ["summary/" + re.sub(r"\.pod5$", "", r) + ".tsv" for r in _spread(rels, SAMPLE_FILES)]
+        summaries = [summary_relpath(r) for r in _spread(rels, SAMPLE_FILES)]
     workers = conn.execute(sa.select(models.Worker.worker_id, models.Worker.host, models.Worker.dorado_version,
                                      models.Worker.gpus, models.Worker.batches_done)).all()
     return ReportData(
@@ -133,10 +134,11 @@ def render_report(ledger) -> str:
 def save_report(ledger, path=None) -> Path:
     """Write the report to `path` (default OUTPUT_DIR/final/report.html) by rename from a temp name."""
     from .durable import fsync_dir
-    from .finalize import FINAL, REPORT_NAME, write_product
+    from .finalize import REPORT_NAME, write_product
+    from .layout import Layout
 
     page = render_report(ledger).encode("utf-8")
-    path = Path(path) if path else Path(ledger.read_settings().output_dir) / FINAL / REPORT_NAME
+    path = Path(path) if path else Layout(Path(ledger.read_settings().output_dir)).final_dir / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     write_product(path, lambda copier: copier.write(page))
     fsync_dir(path.parent)
@@ -308,7 +310,7 @@ def timeline_figure(data: ReportData) -> str | None:
                                    label=f"{state} ({count:,} batches)"))
             if state in (models.RECLAIMED, models.BATCH_FAILED):  # mark them: they may be too short to see
                 ends = sorted({(row, round((end - t0) / unit / min_w)) for row, _s, end in spans})
-                ax.scatter([e * min_w for _r, e in ends], [r + 0.5 for r, _e in ends], marker="v", s=14,
+                ax.scatter([e * min_w for _r, e in ends], [r - 0.45 for r, _e in ends], marker="v", s=14,
                            color=STATE_COLOURS[state], zorder=3)
         ax.set_xlim(0, span / unit)
         ax.set_ylim(n - 0.5, -0.7)
@@ -320,7 +322,7 @@ def timeline_figure(data: ReportData) -> str | None:
             ax.set_yticks(range(0, n, step), labels[::step])
         ax.tick_params(axis="y", labelsize=7)
         ax.set_title(f"Batches per worker ({n:,} workers, {len(data.batches):,} batches)")
-        ax.legend(loc="lower right", frameon=True, fontsize=7, ncols=5, bbox_to_anchor=(1.0, 1.02), borderaxespad=0)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)  # beside: never on bars
         return _svg(fig, "timeline")
 
 
@@ -507,8 +509,8 @@ def _page(data: ReportData, reads: ReadSample) -> str:
     parts.append('<h2 id="failures">Failed files</h2>')
     if data.failed:
         more = f" (the first {len(data.failed):,} of {data.failed_total:,})" if data.failed_total > len(data.failed) else ""
-        parts.append(f"<p>{data.failed_total:,} files failed{more}; `ledgerbc retry --all-failed` queues them "
-                     "again.</p>")
+        parts.append(f"<p>{data.failed_total:,} {'file' if data.failed_total == 1 else 'files'} failed{more}; "
+                     "<code>ledgerbc retry --all-failed</code> queues them again.</p>")
         parts.append(_table(["file", "attempts", "last error"], [list(r) for r in data.failed], numeric={1}))
     else:
         parts.append("<p>No file failed.</p>")

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from helpers import collect_outputs, read_output, study  # noqa: F401  (study is a fixture)
 from ledgerbc import concat, finalize, models
 from ledgerbc.cli import cli
+from ledgerbc.layout import SUMMARY_COLUMNS
 from ledgerbc.testkit.finished import FinishedStudy
 from ledgerbc.testkit.synth import make_dataset
 
@@ -92,7 +93,7 @@ def test_every_read_is_in_exactly_one_product_of_its_sample(tmp_path, emit, barc
     if on_disk is not None:
         assert sorted(seen) == sorted(r.read_id for rel in on_disk.passed for r in on_disk.records(rel))
     lines = (final / "sequencing_summary.txt").read_text().splitlines()
-    assert lines[0].split("\t") == list(finalize.SUMMARY_COLUMNS)
+    assert lines[0].split("\t") == list(SUMMARY_COLUMNS)
     assert len(lines) == 1 + s.summary_rows and sorted(line.split("\t")[1] for line in lines[1:]) == sorted(seen)
     assert [line.split("\t")[0] for line in lines[1:]] == sorted(line.split("\t")[0] for line in lines[1:])
 

@@ -20,14 +20,11 @@ import pysam
 import sqlalchemy as sa
 
 from .. import db, models
-from ..layout import output_relpath
+from ..layout import SUMMARY_COLUMNS, output_relpath, summary_relpath
 from ..settings import Settings
 from ..writers import Background, OutputWriter
 
 KIT = "SQK-NBD114-24"
-SUMMARY_COLUMNS = ("filename", "read_id", "parent_read_id", "run_id", "channel", "mux", "start_time", "duration",
-                   "passes_filtering", "sequence_length_template", "mean_qscore_template", "num_samples",
-                   "barcode_arrangement")
 MIN_QSCORE = 9.0
 T0 = 1_700_000_000.0
 
@@ -135,7 +132,7 @@ class FinishedStudy:
                                     bases=sum(r.query_length for r in recs), bytes=len(data),
                                     checksum=f"crc32:{zlib.crc32(data):08x}"))
                 self.expected.setdefault((self.sample_of(barcode), kind), []).append((rel, [r.query_name for r in recs]))
-        spath = "summary/" + output_relpath(rel, "fastq")[: -len(".fastq")] + ".tsv"
+        spath = summary_relpath(rel)
         (self.output / spath).parent.mkdir(parents=True, exist_ok=True)
         (self.output / spath).write_text("\n".join(summary) + "\n")
         data = (self.output / spath).read_bytes()
