@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from helpers import collect_outputs, read_output, study  # noqa: F401  (study is a fixture)
-from ledgerbc import concat, finalize, models
+from ledgerbc import concat, db, finalize, models
 from ledgerbc.cli import cli
 from ledgerbc.layout import SUMMARY_COLUMNS
 from ledgerbc.testkit.finished import FinishedStudy
@@ -229,16 +229,27 @@ def test_a_missing_or_changed_output_is_refused_and_nothing_is_replaced(tmp_path
     assert products(s.output / "final") == old
 
 
-def test_a_ledger_without_output_rows_uses_the_layout(tmp_path):
-    """Outputs published before the `outputs` table existed (or by a worker that does not record it)."""
-    s = make_study(tmp_path, "fastq", barcoded=False, rels=RELS[:3])
+@pytest.mark.parametrize("barcoded", [True, False], ids=["barcoded", "unbarcoded"])
+def test_a_ledger_without_output_rows_uses_the_layout(tmp_path, barcoded):
+    """Outputs published before the `outputs` table existed, or a ledger rebuilt from the files."""
+    s = make_study(tmp_path, "fastq", barcoded=barcoded, rels=RELS[:3])
+    if barcoded:
+        settings = s.ledger.read_settings()
+        settings.kit_name = "SQK-NBD114-24"
+        s.ledger.transact(lambda conn: db.write_settings(conn, settings))
+    recorded = products(s.output / "final") if run_finalize(s.ledger.path).exit_code == 0 else None
     s.ledger.transact(lambda conn: conn.execute(sa.delete(models.Output)))
+    shutil.rmtree(s.output / "final")
     assert run_finalize(s.ledger.path).exit_code == 0
-    for kind in ("pass", "fail"):
-        ids = [r.read_id for r in read_output(s.output / "final" / f"all.{kind}.fastq")]
-        assert ids == s.ids("all", kind)
+    for sample in s.samples():
+        for kind in ("pass", "fail"):
+            ids = [r.read_id for r in read_output(s.output / "final" / f"{sample}.{kind}.fastq")]
+            assert ids == s.ids(sample, kind)
     lines = (s.output / "final" / "sequencing_summary.txt").read_text().splitlines()
     assert len(lines) == 1 + s.summary_rows
+    after = products(s.output / "final")
+    assert {k: v for k, v in after.items() if k != "report.html"} == \
+        {k: v for k, v in recorded.items() if k != "report.html"}
 
 
 @pytest.mark.parametrize("emit", ["fastq.gz", "bam"])
