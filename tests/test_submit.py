@@ -289,6 +289,8 @@ def test_golden_finalize_argv():
 def test_finalize_script_is_installed_asks_no_gpu_and_execs_finalize(tmp_path):
     script = slurm.finalize_script()
     assert script.is_file() and os.access(script, os.X_OK)
+    top = REPO / "slurm_finalize.sh"
+    assert top.is_symlink() and os.readlink(top) == "ledgerbc/slurm_finalize.sh"
     directives = [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
     assert directives == ["--job-name=ledgerbc-finalize", "--ntasks=1", "--output=ledgerbc-finalize-%j.out"]
     record = tmp_path / "exe-record.json"

@@ -1,0 +1,1 @@
+ledgerbc/slurm_finalize.sh
