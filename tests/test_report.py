@@ -130,12 +130,12 @@ def test_the_merged_summary_is_read_by_pycoqc_and_nanoplot(finished, request, tm
 
 
 # -- status: the per-worker view -----------------------------------------------------------------------------
-def test_status_shows_each_workers_batch_speed_and_a_stall(tmp_path):
+def test_status_shows_each_workers_batch_speed_and_a_stall(tmp_path, monkeypatch):
     now = time.time()
     s = FinishedStudy.create(tmp_path, emit="fastq")
-    for i in range(5):  # batches done in the last hour (speed is measured over recent batches)
+    s.add_input("a/old.pod5", n_reads=50, worker="7_0@gpu0", at=now - 7 * 3600)  # not among its last 3
+    for i in range(5):  # one batch per input, 50 s each
         s.add_input(f"a/{i}.pod5", n_reads=30 + i, worker=f"7_{i % 2}@gpu{i % 2}", at=now - 3600 + 300 * i)
-    s.add_input("a/old.pod5", n_reads=50, worker="7_0@gpu0", at=now - 7 * 3600)  # outside the window
     layout = Layout(s.output)
 
     def running(worker, age_of_output):
@@ -147,6 +147,7 @@ def test_status_shows_each_workers_batch_speed_and_a_stall(tmp_path):
         os.utime(log, (now - age_of_output, now - age_of_output))
         return batch
 
+    monkeypatch.setattr(status, "SPEED_BATCHES", 3)
     stuck = running("7_0@gpu0", 2000)  # heartbeat fresh, no output for 2000 s > 10 heartbeats of 60 s
     moving = running("7_1@gpu1", 5)
     s.ledger.transact(lambda conn: conn.execute(
@@ -159,7 +160,7 @@ def test_status_shows_each_workers_batch_speed_and_a_stall(tmp_path):
     assert w0["current_batch_s"] == 3000
     assert w0["stalled"] is True and w1["stalled"] is False
     assert w0["output_age_s"] == 2000 and w1["output_age_s"] == 5
-    # samples/s over its done batches: inputs 0, 2, 4 (30, 32, 34 reads x 4000 samples), 50 s each
+    # samples/s over its last 3 done batches: inputs 0, 2, 4 (30, 32, 34 reads x 4000 samples), 50 s each
     assert w0["samples_per_s"] == pytest.approx((30 + 32 + 34) * 4000 / 150, rel=1e-3)
     assert w0["bytes_per_s"] == pytest.approx((4000 + 4200 + 4400) / 150, rel=1e-3)
     text = status.render(data)
