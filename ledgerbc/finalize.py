@@ -48,6 +48,7 @@ class Piece:
     kind: str           # pass | fail | summary
     path: Path
     size: int = 0
+    recorded_size: int | None = None  # its size when published (`outputs.bytes`), when recorded
 
 
 @dataclass
@@ -114,7 +115,7 @@ def plan(ledger, partial: bool = False) -> Plan:
         unfinished = conn.execute(
             sa.select(f.rel_path).where(f.state.in_(UNFINISHED)).order_by(f.rel_path)).scalars().all()
         recorded = conn.execute(
-            sa.select(f.rel_path, o.kind, o.barcode, o.path).join(o, o.file_id == f.id)
+            sa.select(f.rel_path, o.kind, o.barcode, o.path, o.bytes).join(o, o.file_id == f.id)
             .where(f.state == models.DONE).order_by(f.rel_path, o.kind, o.barcode, o.path)
         ).all()
         unrecorded = conn.execute(
@@ -125,7 +126,7 @@ def plan(ledger, partial: bool = False) -> Plan:
 
     counts, unfinished, recorded, unrecorded = ledger.transact(txn)
     pieces, seen = [], set()
-    for rel, kind, barcode, path in recorded:
+    for rel, kind, barcode, path, size in recorded:
         if path in seen:
             continue
         seen.add(path)
@@ -133,7 +134,7 @@ def plan(ledger, partial: bool = False) -> Plan:
         if not _SAMPLE_OK.match(sample):
             raise OutputDamaged(f"the ledger names the sample folder {sample!r}, which cannot be a file name. "
                                 "Run `ledgerbc verify`.")
-        pieces.append(Piece(rel, sample, kind, output / path))
+        pieces.append(Piece(rel, sample, kind, output / path, recorded_size=size))
     # Done files the ledger has no `outputs` rows for (published before they were recorded, or a ledger
     # rebuilt from the files): their outputs on disk, by layout (per <barcode> folder in a barcoded study).
     layout = Layout(output)
@@ -142,10 +143,7 @@ def plan(ledger, partial: bool = False) -> Plan:
     for rel in unrecorded:
         found = layout.outputs_of(rel, emit, barcodes)
         if not found:
-            raise OutputDamaged(
-                f"{layout.pass_path(rel, emit)} (an output of the done input {rel}) is missing. Run "
-                "`ledgerbc verify`, then `ledgerbc recover` to queue its input again."
-            )
+            raise _missing(layout.pass_path(rel, emit), rel)
         name = output_relpath(rel, emit)
         for path in found:
             kind = path.relative_to(output).parts[0]
@@ -161,16 +159,21 @@ def plan(ledger, partial: bool = False) -> Plan:
                 without_summary=without_summary)
 
 
+def _missing(path: Path, rel: str) -> OutputDamaged:
+    return OutputDamaged(f"{path} (an output of the done input {rel}) is missing. Run `ledgerbc verify`, then "
+                         "`ledgerbc recover` to queue its input again.")
+
+
 def _stat_all(plan: Plan) -> None:
-    """Every input must be in place before anything is written (fail fast, not half-way)."""
+    """Every input must be in place, as published, before anything is written (fail fast, not half-way)."""
     for p in plan.pieces:
         try:
             p.size = os.stat(p.path).st_size
         except FileNotFoundError:
-            raise OutputDamaged(
-                f"{p.path} (an output of the done input {p.rel}) is missing. Run `ledgerbc verify`, then "
-                "`ledgerbc recover` to queue its input again."
-            ) from None
+            raise _missing(p.path, p.rel) from None
+        if p.recorded_size is not None and p.size != p.recorded_size:
+            raise OutputDamaged(f"{p.path} has {p.size} bytes, {p.recorded_size} when it was published: a published "
+                                "output never changes. Run `ledgerbc verify`.")
 
 
 class _Progress:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -226,6 +227,18 @@ def test_a_missing_or_changed_output_is_refused_and_nothing_is_replaced(tmp_path
     result = run_finalize(s.ledger.path)
     assert result.exit_code == 12
     assert result.stderr.startswith(f"Error: {victim} (an output of the done input ") and "ledgerbc verify" in result.stderr
+    assert products(s.output / "final") == old
+
+    grown = next((s.output / "pass" / "barcode01").rglob("*.fastq"))
+    size = grown.stat().st_size
+    with open(grown, "ab") as fh:
+        fh.write(b"@extra\nA\n+\n!\n")
+    victim.write_bytes(b"")  # back in place, but not as published
+    result = run_finalize(s.ledger.path)
+    assert result.exit_code == 12
+    said = re.fullmatch(r"Error: (.+) has (\d+) bytes, (\d+) when it was published: a published output never "
+                        r"changes\. Run `ledgerbc verify`\.\n", result.stderr)
+    assert said and (said.groups()[1:] == (str(size + 13), str(size)) or said.group(1) == str(victim))
     assert products(s.output / "final") == old
 
 
