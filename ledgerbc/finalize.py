@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -91,9 +92,13 @@ class FinalizeResult:
     products: list[Product] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # files not basecalled yet (--partial)
+    copied_bytes: int = 0  # published outputs copied into the products
+    copy_seconds: float = 0.0  # wall time of those copies (products and summary, fsyncs included)
 
     def lines(self) -> list[str]:
-        return [p.line() for p in self.products]
+        rate = self.copied_bytes / self.copy_seconds if self.copy_seconds > 0 else 0.0
+        return [p.line() for p in self.products] + [
+            f"copied {format_size(self.copied_bytes)} in {self.copy_seconds:.1f} s ({format_size(rate)}/s)"]
 
 
 def plan(ledger, partial: bool = False) -> Plan:
@@ -257,6 +262,7 @@ def finalize(ledger, partial: bool = False, progress=None) -> FinalizeResult:
     page = builder.submit(render_report, ledger)
     try:
         _remove_stale_temps(p.final)
+        started = time.monotonic()
         moved = _Progress(progress, sum(piece.size for piece in p.pieces))
         for sample, kinds in p.products().items():
             result.products += _write_sample(p, sample, kinds, moved)
@@ -265,6 +271,7 @@ def finalize(ledger, partial: bool = False, progress=None) -> FinalizeResult:
         path = p.final / SUMMARY_NAME
         size = write_product(path, lambda c: concat.append_summaries(c, summaries, default), moved)
         result.products.append(Product(path, len(summaries), size))
+        result.copied_bytes, result.copy_seconds = moved.total, time.monotonic() - started
         html = page.result().encode("utf-8")
         path = p.final / REPORT_NAME
         result.products.append(Product(path, None, write_product(path, lambda c: c.write(html))))
