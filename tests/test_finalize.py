@@ -266,7 +266,7 @@ def test_a_ledger_without_output_rows_uses_the_layout(tmp_path, barcoded):
 
 
 @pytest.mark.parametrize("emit", ["fastq.gz", "bam"])
-def test_end_to_end_through_the_real_worker_unbarcoded(study, emit):  # noqa: F811
+def test_end_to_end_through_the_real_worker_unbarcoded(study, emit, request):  # noqa: F811
     make_dataset(study.input, 6, seed=3)
     study.init("--emit", emit, "--batch-files", "2", "--min-qscore", "10")
     study.start_worker("w1")
@@ -286,5 +286,14 @@ def test_end_to_end_through_the_real_worker_unbarcoded(study, emit):  # noqa: F8
     assert outputs.n_pass and outputs.n_fail
     html = (final / "report.html").read_text()
     assert 'id="fig-timeline"' in html and 'id="fig-yield"' in html
-    # read distributions come from summary/ files, which workers write once the summary work has landed
-    assert ('id="fig-length"' in html) == (study.output / "summary").is_dir()
+    # read distributions come from the summary/ files the workers wrote
+    assert 'id="fig-length"' in html and 'id="fig-qscore"' in html
+    summary = final / "sequencing_summary.txt"
+    rows = summary.read_text().splitlines()
+    assert rows[0].split("\t") == list(SUMMARY_COLUMNS)
+    assert len(rows) - 1 == outputs.n_pass + outputs.n_fail
+    if emit == "bam":  # the merged summary of real workers, read by the real pycoQC and NanoPlot
+        proc = request.getfixturevalue("pycoqc")(summary, study.root / "pycoqc.html")
+        assert proc.returncode == 0 and (study.root / "pycoqc.html").stat().st_size > 0
+        (study.root / "nanoplot").mkdir()
+        assert request.getfixturevalue("nanoplot")(summary, study.root / "nanoplot").returncode == 0

@@ -87,37 +87,21 @@ def test_report_command_writes_the_page(finished, tmp_path):
     assert result.exit_code == 4 and result.stderr.startswith("Error: no ledger at")
 
 
-def client_fixture(request, name: str):
-    """A real-client fixture of tests/conftest.py (`browser`, `pycoqc`, `nanoplot`: the CI work's
-    tests/clients.py), or a skip while it is not on this branch yet."""
-    try:
-        return request.getfixturevalue(name)
-    except pytest.FixtureLookupError:
-        pytest.skip(f"no `{name}` fixture (tests/clients.py) on this branch yet")
-
-
-def test_report_renders_in_headless_chromium(finished, request):
-    """No console error, no request leaving the page; the screenshot is kept as a test artifact."""
-    browser = client_fixture(request, "browser")
-    path = report.save_report(finished.ledger)
-    if hasattr(browser, "open"):  # tests/clients.py: browser.open(html) -> PageLoad
-        page = browser.open(path, name="report")
-        errors, left, screenshot, text = page.console_errors, page.left_page, page.screenshot, page.text
-    else:  # the interface first agreed on: browser(html) -> (console errors, outgoing requests, screenshot)
-        errors, left, screenshot = browser(path)
-        text = None
-    assert errors == []
-    assert left == []
-    assert os.path.getsize(screenshot) > 10_000
-    if text is not None:
-        for heading in ("Yield over time", "Workers and batches", "Read length and qscore", "Per sample",
-                        "Chemistry groups", "Failed files", "Provenance"):
-            assert heading in text
+def test_report_renders_in_headless_chromium(finished, browser):
+    """Real Chromium with all network blocked (tests/clients.py): no console error, no request leaving the
+    page; the screenshot is kept under test-artifacts/ and was looked at."""
+    page = browser.open(report.save_report(finished.ledger), name="report")
+    assert page.console_errors == []
+    assert page.left_page == []
+    assert os.path.getsize(page.screenshot) > 10_000
+    for heading in ("Yield over time", "Workers and batches", "Read length and qscore", "Per sample",
+                    "Chemistry groups", "Failed files", "Provenance"):
+        assert heading in page.text
 
 
 @pytest.mark.parametrize("tool", ["pycoqc", "nanoplot"])
 def test_the_merged_summary_is_read_by_pycoqc_and_nanoplot(finished, request, tmp_path, tool):
-    run = client_fixture(request, tool)
+    run = request.getfixturevalue(tool)  # the real tool (tests/clients.py), in its own venv
     from ledgerbc.finalize import finalize
 
     finalize(finished.ledger)

@@ -315,7 +315,7 @@ def test_submit_finalize_chains_a_second_sbatch_after_the_array(sbatch, hostile_
                     "--finalize", "--finalize-partition", "io")
     assert result.exit_code == 0, result.output
     assert sbatch.calls() == [
-        ["--parsable", "--array=0-3", "--partition=gpu", "--gpus-per-task=1", "--account=lab",
+        ["--parsable", "--array=0-3", "--partition=gpu", "--ntasks=1", "--gpus-per-task=1", "--account=lab",
          str(slurm.array_script()), str(hostile_ledger)],
         ["--parsable", "--dependency=afterany:4242", "--partition=io", "--account=lab",
          str(slurm.finalize_script()), str(hostile_ledger)],
