@@ -326,43 +326,40 @@ def timeline_figure(data: ReportData) -> str | None:
         return _svg(fig, "timeline")
 
 
+def _pass_fail_histogram(name: str, values: np.ndarray, passed: np.ndarray, edges: np.ndarray, title: str,
+                         xlabel: str, log: bool = False) -> str:
+    """One figure: the histogram of `values` for pass and for fail reads, as outlines."""
+    fig, ax = _figure(4.5, 3)
+    for flag, label, colour in ((True, "pass", "#2c7fb8"), (False, "fail", "#d95f0e")):
+        chosen = values[passed == flag]
+        if len(chosen):
+            counts, _ = np.histogram(chosen, bins=edges)
+            ax.stairs(counts, edges, label=f"{label} ({len(chosen):,})", color=colour, linewidth=1.2)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("reads")
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    return _svg(fig, name)
+
+
 def distribution_figures(sample: ReadSample) -> list[str]:
     import matplotlib
 
     if not len(sample.lengths):
         return []
-    out = []
     with matplotlib.rc_context(_MATPLOTLIB_RC):
-        fig, ax = _figure(4.5, 3)
         top = max(10.0, float(np.nanmax(sample.lengths)))
         bottom = math.floor(math.log10(max(1.0, float(np.nanmin(sample.lengths)))))
-        edges = np.logspace(bottom, math.log10(top) + 0.05, 60)
-        for flag, name, colour in ((True, "pass", "#2c7fb8"), (False, "fail", "#d95f0e")):
-            values = sample.lengths[sample.passed == flag]
-            if len(values):
-                counts, _ = np.histogram(values, bins=edges)
-                ax.stairs(counts, edges, label=f"{name} ({len(values):,})", color=colour, linewidth=1.2)
-        ax.set_xscale("log")
-        ax.set_xlabel("read length (bases)")
-        ax.set_ylabel("reads")
-        ax.set_title("Read length")
-        ax.legend(frameon=False)
-        out.append(_svg(fig, "length"))
-
-        fig, ax = _figure(4.5, 3)
+        length_edges = np.logspace(bottom, math.log10(top) + 0.05, 60)
         q = sample.qscores[np.isfinite(sample.qscores)]
-        edges = np.arange(0, max(20.0, float(q.max()) if len(q) else 20.0) + 0.5, 0.5)
-        for flag, name, colour in ((True, "pass", "#2c7fb8"), (False, "fail", "#d95f0e")):
-            values = sample.qscores[sample.passed == flag]
-            if len(values):
-                counts, _ = np.histogram(values, bins=edges)
-                ax.stairs(counts, edges, label=f"{name} ({len(values):,})", color=colour, linewidth=1.2)
-        ax.set_xlabel("mean qscore")
-        ax.set_ylabel("reads")
-        ax.set_title("Read qscore")
-        ax.legend(frameon=False)
-        out.append(_svg(fig, "qscore"))
-    return out
+        q_edges = np.arange(0, max(20.0, float(q.max()) if len(q) else 20.0) + 0.5, 0.5)
+        return [
+            _pass_fail_histogram("length", sample.lengths, sample.passed, length_edges, "Read length",
+                                 "read length (bases)", log=True),
+            _pass_fail_histogram("qscore", sample.qscores, sample.passed, q_edges, "Read qscore", "mean qscore"),
+        ]
 
 
 def sample_figure(samples: dict) -> str | None:

@@ -10,6 +10,9 @@
 #
 # Environment:
 #   LEDGERBC_EXE   the ledgerbc executable to run (default: `ledgerbc` on PATH)
+#
+# The checks below repeat slurm_array.sh's on purpose: sbatch copies only the script it is given to the
+# node, so each script must stand alone.
 #SBATCH --job-name=ledgerbc-finalize
 #SBATCH --ntasks=1
 #SBATCH --output=ledgerbc-finalize-%j.out
