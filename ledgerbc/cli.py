@@ -376,14 +376,11 @@ def demo(ctx, folder, workers, files, testdata):
 @opt("--partial", is_flag=True, help="Go ahead while files are unfinished: products of the done files only.")
 def finalize(ledger_path, partial):
     """Per-sample products, sequencing_summary.txt and report.html in OUTPUT_DIR/final."""
+    ledger = open_ledger(ledger_path)  # first: a wrong path is refused before the heavy imports
     from .finalize import finalize as make_products
 
-    update, close = _progress("finalizing")
-    try:
-        result = make_products(open_ledger(ledger_path), partial=partial, progress=update)
-    finally:
-        if close:
-            close()
+    with scanning("finalizing") as update:
+        result = make_products(ledger, partial=partial, progress=update)
     for w in result.warnings:
         click.echo(f"Warning: {w}", err=True)
     for line in result.lines():
@@ -396,9 +393,9 @@ def finalize(ledger_path, partial):
      help="Write the page here ('-': standard output). Default: OUTPUT_DIR/final/report.html.")
 def report(ledger_path, output):
     """The run report alone: one self-contained HTML page (works offline)."""
+    ledger = open_ledger(ledger_path)
     from .report import render_report, save_report
 
-    ledger = open_ledger(ledger_path)
     if output == "-":
         click.echo(render_report(ledger), nl=False)
     else:

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from helpers import collect_outputs, read_output, study  # noqa: F401  (study is a fixture)
+from helpers import collect_outputs, read_output
 from ledgerbc import concat, db, finalize, models
 from ledgerbc.cli import cli
 from ledgerbc.layout import SUMMARY_COLUMNS
@@ -265,8 +265,9 @@ def test_a_ledger_without_output_rows_uses_the_layout(tmp_path, barcoded):
         {k: v for k, v in recorded.items() if k != "report.html"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("emit", ["fastq.gz", "bam"])
-def test_end_to_end_through_the_real_worker_unbarcoded(study, emit, request):  # noqa: F811
+def test_end_to_end_through_the_real_worker_unbarcoded(study, emit, request):
     make_dataset(study.input, 6, seed=3)
     study.init("--emit", emit, "--batch-files", "2", "--min-qscore", "10")
     study.start_worker("w1")

@@ -87,6 +87,7 @@ def test_report_command_writes_the_page(finished, tmp_path):
     assert result.exit_code == 4 and result.stderr.startswith("Error: no ledger at")
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(finished, browser):
     """Real Chromium with all network blocked (tests/clients.py): no console error, no request leaving the
     page; the screenshot is kept under test-artifacts/ and was looked at."""
@@ -99,6 +100,7 @@ def test_report_renders_in_headless_chromium(finished, browser):
         assert heading in page.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["pycoqc", "nanoplot"])
 def test_the_merged_summary_is_read_by_pycoqc_and_nanoplot(finished, request, tmp_path, tool):
     run = request.getfixturevalue(tool)  # the real tool (tests/clients.py), in its own venv

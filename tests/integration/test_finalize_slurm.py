@@ -14,7 +14,7 @@ from ledgerbc.testkit.synth import make_dataset
 
 from .conftest import JOBCOMP_LOG, cli, job_env, task_logs
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def job_record(job_id: str, offset: int) -> dict | None:
