@@ -389,7 +389,7 @@ def finalize(ledger_path, partial):
 
 @cli.command()
 @ledger_option
-@opt("-o", "--output", "output", default=None, envvar="LEDGERBC_REPORT_OUTPUT",
+@opt("-o", "--html", "output", default=None,  # not --output: LEDGERBC_OUTPUT is recover's OUTPUT_DIR
      help="Write the page here ('-': standard output). Default: OUTPUT_DIR/final/report.html.")
 def report(ledger_path, output):
     """The run report alone: one self-contained HTML page (works offline)."""
