@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from ledgerbc import __version__, db, scan
+from ledgerbc.chemistry import FileRunInfo, RunInfoKey
 from ledgerbc.pod5check import Pod5Info
 from ledgerbc.settings import Settings
 
@@ -40,13 +41,20 @@ def new_ledger(path: Path, input_dir: Path, output_dir: Path, **settings) -> Set
     return s
 
 
-def observations(sizes, prefix: str = "run", per_folder: int = 4000):
-    """One synthetic Observation per size: complete pod5 metadata, a distinct file_identifier each."""
+def observations(sizes, prefix: str = "run", per_folder: int = 4000, keys=None):
+    """One synthetic Observation per size: complete pod5 metadata, a distinct file_identifier each.
+    `keys`: per file, the run info (flow cell product code, kit, sample rate) that decides its batch key
+    (DESIGN §4: one chemistry per batch); default none (every file one key)."""
     for i, size in enumerate(sizes):
         rel = f"{prefix}{i // per_folder:04d}/pod5/PAS00000_pass_{i:07d}.pod5"
+        reads = max(1, int(size) // 250_000)
+        run_info = None
+        if keys is not None:
+            key = RunInfoKey(*keys[i])
+            run_info = FileRunInfo((key,), int(size) // 2, reads, key.sample_rate)
         yield scan.Observation(
             rel=rel, size=int(size), mtime_ns=1_700_000_000_000_000_000 + i,
-            info=Pod5Info(read_count=max(1, int(size) // 250_000), file_identifier=str(uuid.uuid4())),
+            info=Pod5Info(read_count=reads, file_identifier=str(uuid.uuid4()), run_info=run_info),
         )
 
 
