@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import claim, dorado, lease, pod5check, split
+from . import claim, dorado, lease, modelplan, pod5check, split
 from .chemistry import chemistry_error
 from .durable import fsync_dir, fsync_path, probe_space
 from .errors import LedgerCorrupt, LedgerError, LedgerNotFound, LockTimeout, NotOwner, StorageFull
@@ -110,6 +110,12 @@ class BatchRun:
         return outcome
 
     def _stages(self) -> str:
+        refused = modelplan.refusal(self.crew.settings, self.batch.chemistry)
+        if refused is not None:
+            # Admitted before the study's model could refuse it (scan refuses at admission): an explicit
+            # model would basecall it silently with the wrong model. Fails the batch and the pending files
+            # of its key at once, with no dorado call.
+            return self._fail(refused, now_failed=True)
         links = self.prepare()
         ended = self.basecall()
         if ended != "exited":
@@ -156,7 +162,8 @@ class BatchRun:
         """Run dorado, heartbeating; 'exited', 'stopped', 'fenced' or 'failed' (timeout)."""
         crew = self.crew
         settings = crew.settings
-        argv = dorado.build_argv(settings, self.assigned, crew.device, crew.executable)
+        argv = dorado.build_argv(settings, self.assigned, crew.device, crew.executable,
+                                 modelplan.model_for(settings, self.batch.chemistry))
         self.proc = dorado.DoradoProcess(argv, self.staging / "calls.bam", crew.layout.log(self.batch.batch_id),
                                          env=crew.env)
         timeout = settings.batch_timeout or default_batch_timeout(self.batch.n_bytes)
@@ -272,8 +279,8 @@ class BatchRun:
         crew = self.crew
         installer = installer_for(crew.layout, crew.settings.emit, result, {r.rel for r in results if r.ok}, links,
                                   crew.ledger.check_lock_trusted)
-        provenance = dict(model=",".join(result.models) or crew.settings.model, dorado_version=result.dorado_version,
-                          gpus=crew.gpus)
+        provenance = dict(model=",".join(result.models) or modelplan.model_for(crew.settings, self.batch.chemistry),
+                          dorado_version=result.dorado_version, gpus=crew.gpus)
         self.next = crew.patiently(
             claim.publish, crew.ledger, self.batch, results, installer, crew.settings.max_attempts,
             crew.settings if self.more and not crew.stop.requested else None, provenance,

@@ -110,7 +110,8 @@ class LedgerGroup(click.Group):
         except errors.LedgerError as exc:
             if ctx.meta.get("ledgerbc.debug"):
                 traceback.print_exc()
-            click.echo(f"Error: {exc}", err=True)
+            for line in str(exc).splitlines() or [""]:
+                click.echo(f"Error: {line}", err=True)
             ctx.exit(exc.exit_code)
         except click.exceptions.NoArgsIsHelpError:
             raise
@@ -164,7 +165,10 @@ def open_ledger(ledger_path):
 @click.argument("input_dir", type=click.Path(path_type=Path, readable=False))  # checked by init_ledger: exit 3
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @ledger_option
-@opt("--model", default="hac", show_default=True, help="dorado model name or path.")
+@opt("--model", "models", multiple=True, metavar="[CHEMISTRY=]MODEL",
+     help="dorado model: a variant (default hac), a model name or a model folder; repeat with "
+          "CHEMISTRY=MODEL (a dorado chemistry name, e.g. rna004_130bps, or a run info key FLOWCELL|KIT|RATE) "
+          "to give a chemistry its own model.")
 @opt("--batch-files", type=Whole(1), default=None, help="Files per batch (instead of --batch-size).")
 @opt("--batch-size", default="20G", show_default=True, type=SIZE, help="Bytes of pod5 per batch, e.g. 20G or 500M.")
 @opt("--lease", default="15m", show_default=True, type=DURATION,
@@ -183,14 +187,20 @@ def open_ledger(ledger_path):
 @opt("--models-directory", default=None, help="dorado --models-directory (GPU nodes are often offline).")
 @opt("--batch-timeout", default=None, type=DURATION, help="Kill dorado after this long on one batch.")
 @opt("--settle", default="60s", show_default=True, type=DURATION, help="Follow mode: unchanged this long = complete.")
-def init(input_dir, output_dir, ledger_path, model, batch_files, batch_size, lease, heartbeat, clock_skew,
-         max_attempts, min_qscore, emit, dorado, dorado_args, models_directory, batch_timeout, settle):
+@opt("--allow-dorado-upgrade", is_flag=True,
+     help="Let workers with a newer dorado than the study's join (default: they refuse, exit 13).")
+def init(input_dir, output_dir, ledger_path, models, batch_files, batch_size, lease, heartbeat, clock_skew,
+         max_attempts, min_qscore, emit, dorado, dorado_args, models_directory, batch_timeout, settle,
+         allow_dorado_upgrade):
     """Create the ledger for INPUT_DIR's pod5 files, outputs under OUTPUT_DIR, and scan."""
     from .create import init_ledger
+    from .modelplan import DEFAULT_MODEL, parse_model_option
     from .settings import Settings
 
+    model, chemistry_models = parse_model_option(models)
     settings = Settings(
-        input_dir=str(input_dir), output_dir=str(output_dir), model=model, batch_files=batch_files,
+        input_dir=str(input_dir), output_dir=str(output_dir), model=model or DEFAULT_MODEL,
+        chemistry_models=chemistry_models, allow_dorado_upgrade=allow_dorado_upgrade, batch_files=batch_files,
         batch_bytes=None if batch_files else batch_size, lease=lease, heartbeat=heartbeat, clock_skew=clock_skew,
         max_attempts=max_attempts, min_qscore=min_qscore, emit=emit, dorado=dorado, dorado_args=list(dorado_args),
         models_directory=models_directory, batch_timeout=batch_timeout, settle=settle,
@@ -260,6 +270,28 @@ def status(ledger_path, as_json, watch):
             time.sleep(watch)
     except KeyboardInterrupt:  # how a watch ends: not an error
         return
+
+
+@cli.command("settings")
+@ledger_option
+# Never from the environment: a LEDGERBC_* variable left in a shell must not change a study's settings.
+@opt("--allow-dorado-upgrade/--forbid-dorado-upgrade", "allow_upgrade", default=None, envvar=None,
+     help="Let workers with a newer dorado than the study's join (status shows every version), or not.")
+@opt("--model", "models", multiple=True, metavar="[CHEMISTRY=]MODEL", envvar=None,
+     help="Give a chemistry its own model (or change the default): refused where a file was already "
+          "basecalled with another model.")
+def settings_command(ledger_path, allow_upgrade, models):
+    """Show the study's settings, or change the few that may change mid-study."""
+    from .provenance import change_settings
+
+    ledger = open_ledger(ledger_path)
+    if allow_upgrade is None and not models:
+        for key, value in sorted(ledger.read_settings().to_dict().items()):
+            click.echo(f"{key} = {json.dumps(value)}")
+        return
+    lines = change_settings(ledger, allow_upgrade, models)
+    for line in lines or ["nothing changed"]:
+        click.echo(line)
 
 
 @cli.command()

@@ -1,6 +1,7 @@
 """`ledgerbc init`: check the folders, create the ledger atomically, remember the settings, first scan."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,11 +46,24 @@ def probe_writable(folder: Path, what: str) -> None:
         raise BadInput(f"{what} {folder} is not writable: {exc.strerror or exc}. Choose a writable folder.") from None
 
 
+def pin_dorado_version(settings: Settings) -> list[str]:
+    """The study's dorado version from `dorado --version` when dorado is on PATH; warnings."""
+    exe = shutil.which(settings.dorado)
+    if exe is None:
+        return []  # a login node without dorado: the first worker records its version
+    version, said = dorado.query_version(exe)
+    if version is None:
+        return [f"{said}: the study's dorado version will be the first worker's."]
+    settings.dorado_version = version
+    return []
+
+
 def init_ledger(settings: Settings, ledger_path: Path | None = None, progress=None):
-    """Create the ledger for a study and scan INPUT_DIR. Returns (ledger path, scan report, warnings)."""
+    """Create the ledger for a study and scan INPUT_DIR. Returns (ledger path, scan report, warnings).
+    With dorado on PATH, its version becomes the study's (else the first worker's does: provenance.py)."""
+    warnings = settings.validate()  # before anything is created: a refused option leaves no trace
     settings.input_dir = str(check_input_dir(Path(settings.input_dir)))
     settings.output_dir = str(check_output_dir(Path(settings.output_dir)))
-    warnings = settings.validate()
     missing = dorado.missing_warning(settings)
     if missing:
         warnings.append(missing)
@@ -66,6 +80,8 @@ def init_ledger(settings: Settings, ledger_path: Path | None = None, progress=No
             f"{settings.output_dir} already has a ledger ({ledger_path if ledger_path.exists() else existing}). "
             "Add new files with `ledgerbc scan`, or give another OUTPUT_DIR."
         )
+    if settings.dorado_version is None:
+        warnings += pin_dorado_version(settings)
     # Build aside, then move into place under the global lock: no reader ever sees half a ledger,
     # and of two concurrent inits exactly one wins.
     tmp = ledger_path.with_name(f".{ledger_path.name}.init-{os.getpid()}")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import errors
-from .dorado import version_from_output as dorado_version_from_output
+from .dorado import query_version as query_dorado_version
 from .mounts import FAIL, OK, WARN, Check, mount_check
 
 log = logging.getLogger("ledgerbc.doctor")
@@ -200,20 +200,12 @@ def dorado_checks(settings) -> list[Check]:
         checks.append(Check(FAIL, "dorado", f"'{settings.dorado}' not found on PATH. Load it (e.g. `module load "
                             "dorado`) or give its path with `ledgerbc init --dorado PATH`.", errors.BadInput.exit_code))
     else:
-        try:
-            proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120,
-                                  stdin=subprocess.DEVNULL)
-            said = (proc.stdout + proc.stderr).strip().splitlines()
-            if proc.returncode == 0:
-                found = dorado_version_from_output(proc.stdout, proc.stderr) or (said[0] if said else "(no output)")
-                checks.append(Check(OK, "dorado", f"{exe} --version: {found}"))
-            else:
-                checks.append(Check(FAIL, "dorado", f"`{exe} --version` exited with status {proc.returncode}: "
-                                    f"{said[-1] if said else 'no output'}. Check the dorado installation "
-                                    "(libraries, module load).", errors.BadInput.exit_code))
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            checks.append(Check(FAIL, "dorado", f"`{exe} --version` could not run: {exc}. Check the dorado "
-                                "installation.", errors.BadInput.exit_code))
+        found, said = query_dorado_version(exe)
+        if found is not None:
+            checks.append(Check(OK, "dorado", f"{exe} --version: {found}"))
+        else:
+            checks.append(Check(FAIL, "dorado", f"{said}. Check the dorado installation (libraries, module load).",
+                                errors.BadInput.exit_code))
     checks.append(model_check(settings.model, settings.models_directory))
     return checks
 

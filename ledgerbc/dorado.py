@@ -16,8 +16,10 @@ STOP_GRACE = 3.0
 _VERSION_LINE = re.compile(r"^\d+\.\d+\.\d+(\+\S+)?$")
 
 
-def build_argv(settings, assigned_dir: Path, device: str | None, executable: str | None = None) -> list[str]:
-    argv = [executable or settings.dorado, "basecaller", settings.model, str(assigned_dir)]
+def build_argv(settings, assigned_dir: Path, device: str | None, executable: str | None = None,
+               model: str | None = None) -> list[str]:
+    """`dorado basecaller MODEL DIR ...`; `model`: the batch's own (modelplan.model_for), else the default."""
+    argv = [executable or settings.dorado, "basecaller", model or settings.model, str(assigned_dir)]
     if device:
         argv += ["--device", device]
     if settings.models_directory:
@@ -81,6 +83,67 @@ class DoradoProcess:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+
+
+# dorado options that --dorado-arg may not pass (DESIGN §5), and what to use instead. They break the
+# contract (reads dropped or written elsewhere, outputs not per input, a read twice), or are ledgerbc's own.
+REFUSED_ARGS = {
+    "--min-qscore": "`ledgerbc init --min-qscore Q` (dorado writing to stdout drops the reads under it; ledgerbc "
+                    "puts them in fail/)",
+    "--emit-fastq": "`ledgerbc init --emit fastq` (dorado's FASTQ has no fn/pi tags, so reads cannot be split per input)",
+    "--emit-sam": "`ledgerbc init --emit bam` (ledgerbc reads dorado's BAM and writes each input's output)",
+    "--emit-summary": "nothing: ledgerbc writes summary/<rel>.tsv per input and `ledgerbc finalize` the merged one",
+    "--output-dir": "the OUTPUT_DIR argument of `ledgerbc init` (dorado must write to stdout)",
+    "-o": "the OUTPUT_DIR argument of `ledgerbc init` (dorado must write to stdout)",
+    "--resume-from": "nothing: ledgerbc redoes only unfinished batches (`ledgerbc recover`, `ledgerbc retry`)",
+    "--max-reads": "nothing: every read of every input is basecalled (a cut would leave reads missing)",
+    "-n": "nothing: every read of every input is basecalled (a cut would leave reads missing)",
+    "--read-ids": "nothing: every read of every input is basecalled (a read-id list would leave reads missing)",
+    "-l": "nothing: every read of every input is basecalled (a read-id list would leave reads missing)",
+    "--reference": "`dorado aligner` on the products of `ledgerbc finalize` (aligned output holds a read more than once)",
+    "--device": "`ledgerbc run --device` (per worker; Slurm's CUDA_VISIBLE_DEVICES picks the GPU)",
+    "-x": "`ledgerbc run --device` (per worker; Slurm's CUDA_VISIBLE_DEVICES picks the GPU)",
+    "--models-directory": "`ledgerbc init --models-directory DIR`",
+    "--kit-name": "`ledgerbc init --kit-name KIT` (outputs per barcode)",
+    "--sample-sheet": "`ledgerbc init --sample-sheet CSV` (with --kit-name)",
+}
+
+
+def refused_args(args) -> list[str]:
+    """One line per `--dorado-arg` value that dorado must not be given, naming what to use instead.
+    Matches `--opt`, `--opt=value` and a short option with its value attached (`-oDIR`)."""
+    out = []
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name not in REFUSED_ARGS and len(arg) > 2 and arg[0] == "-" and arg[1] != "-":
+            name = arg[:2]
+        if name in REFUSED_ARGS:
+            out.append(f"--dorado-arg {arg} is refused: it would break ledgerbc's contract or is ledgerbc's own "
+                       f"option. Use {REFUSED_ARGS[name]} instead.")
+    return out
+
+
+def query_version(executable: str, env=None, timeout: float = 120.0) -> tuple[str | None, str]:
+    """Run `dorado --version`: (the version, what it printed), or (None, why there is none)."""
+    try:
+        proc = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"`{executable} --version` could not run: {exc}"
+    said = (proc.stdout + proc.stderr).strip().splitlines()
+    if proc.returncode != 0:
+        return None, f"`{executable} --version` exited with status {proc.returncode}: {said[-1] if said else 'no output'}"
+    found = version_from_output(proc.stdout, proc.stderr)
+    if found is None:
+        return None, f"`{executable} --version` printed no version ({said[-1] if said else 'no output'})"
+    return found, found
+
+
+def version_key(version: str) -> tuple[int, int, int]:
+    """(major, minor, rev) of `X.Y.Z+hash`, to tell an upgrade from a downgrade."""
+    head = version.split("+", 1)[0].split(".")
+    nums = [int(p) if p.isdigit() else 0 for p in head[:3]]
+    return tuple(nums + [0] * (3 - len(nums)))
 
 
 def version_from_output(stdout: str, stderr: str) -> str | None:

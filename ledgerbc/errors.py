@@ -5,7 +5,8 @@ The CLI prints `Error: <message>` and exits with `exit_code`; the codes are docu
 
 
 class LedgerError(Exception):
-    """Base class. `exit_code` is the process exit status the CLI uses."""
+    """Base class. `exit_code` is the process exit status the CLI uses. A message of several lines is
+    several errors (e.g. every refused option): the CLI prints each as its own `Error: ...` line."""
 
     exit_code = 1
 
@@ -85,3 +86,9 @@ class OutputDamaged(LedgerError):
     """`finalize` met a published output that is missing, changed since publication, or cannot be concatenated."""
 
     exit_code = 12
+
+
+class DoradoVersionMismatch(LedgerError):
+    """A worker's dorado is not the study's (DESIGN §5 provenance): it refuses to claim."""
+
+    exit_code = 13

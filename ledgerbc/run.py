@@ -5,7 +5,8 @@
     (follow.py), or exit.
 
 Signal handlers only set a flag (`StopFlag`); the loop and the batch honour it within about a second.
-Exit codes (README): 0 done, 4 ledger lost for a whole lease, 11 storage full, 143 stopped by a signal.
+Exit codes (README): 0 done, 3 dorado's version unreadable, 4 ledger lost for a whole lease, 11 storage full,
+13 this worker's dorado is not the study's (provenance.py), 143 stopped by a signal.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import claim, dorado, janitor, roles
+from . import claim, dorado, janitor, provenance, roles
 from .batch import LEDGER_UNAVAILABLE, BatchRun, Crew
-from .errors import LedgerCorrupt, LedgerError, StorageFull
+from .errors import BadInput, LedgerCorrupt, LedgerError, StorageFull
 from .layout import Layout
 from .slurm import default_worker_id, hostname
 
@@ -113,6 +114,14 @@ class Worker:
             settings = patiently(ledger.read_settings, within=DEFAULT_PATIENCE, stop=stop)
         return cls(ledger, settings, options, dorado.find_executable(settings), env=env, stop=stop)
 
+    def dorado_version(self) -> str:
+        """This worker's `dorado --version`: what its outputs will say they were made with (DESIGN §5)."""
+        version, said = dorado.query_version(self.crew.executable, env=self.env)
+        if version is None:
+            raise BadInput(f"{said}: this worker cannot tell which dorado would make its outputs. Check the dorado "
+                           "installation (`ledgerbc doctor`).")
+        return version
+
     @property
     def stop_requested(self) -> bool:
         return self.stop.requested
@@ -127,8 +136,10 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self) -> int:
+        version = self.dorado_version()
+        self.settings.dorado_version = self.patiently(provenance.admit_worker, self.ledger, self.worker_id, version)
         claim.register_worker(self.ledger, self.worker_id, hostname(), os.getpid(), self.opts.device,
-                              gpus=self.crew.gpus)
+                              gpus=self.crew.gpus, dorado_version=version)
         janitor.reclaim_own_stale(self.ledger, self.settings, self.worker_id)
         code, pending = EXIT_OK, None
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from . import models, pod5check
+from . import modelplan, models, pod5check
 from .models import DUPLICATE, FAILED, PENDING, WAITING, Pod5File
 
 CHUNK = 500  # rows per transaction: keeps each hold of the global lock short
@@ -39,6 +39,7 @@ class Observation:
     error: str | None = None
     incomplete: bool = False  # the error is "not complete yet" (may still be written)
     writer_busy: bool = False  # a pod5 writer's temporary files are in its folder
+    refused: str | None = None  # complete, but the study's model must never get it (modelplan.refusal)
 
 
 @dataclass
@@ -234,7 +235,13 @@ class Scanner:
             else:
                 report.unchanged += 1
         observations = []
+        refusals: dict = {}  # per chemistry key
         for n, obs in enumerate(_observe_all(todo), 1):
+            if obs.info is not None and obs.info.run_info is not None:
+                key = obs.info.run_info.key
+                if key not in refusals:
+                    refusals[key] = modelplan.refusal(settings, key)
+                obs.refused = refusals[key]
             observations.append(obs)
             if progress:
                 progress(n, len(todo))
@@ -263,6 +270,8 @@ def _decide(obs: Observation, prior: _Known | None, follow: bool, settle: float,
     if obs.info is not None:
         if follow and not over and now - stable_since < settle:
             return WAITING, None, stable_since
+        if obs.refused is not None:
+            return FAILED, obs.refused, stable_since
         return PENDING, None, stable_since
     if not obs.incomplete:
         return FAILED, obs.error, stable_since

@@ -17,7 +17,7 @@ from .layout import EMITS as EMIT_CHOICES
 class Settings:
     input_dir: str
     output_dir: str
-    model: str = "hac"
+    model: str = "hac"  # the default model (a variant, a released model name, or a model folder)
     batch_files: int | None = None  # fixed file count per batch, or
     batch_bytes: int | None = 20 * 1024**3  # a byte target per batch (the default)
     lease: float = 15 * 60
@@ -35,7 +35,9 @@ class Settings:
     kit_name: str | None = None  # barcoding kit: dorado classifies while it basecalls; outputs per barcode
     sample_sheet: str | None = None  # the copy of the sample sheet init keeps in OUTPUT_DIR (aliases)
     dorado_version: str | None = None  # the study's dorado (`dorado --version`); workers with another refuse
-    allow_dorado_upgrade: bool = False  # let workers with another dorado version join (status shows both)
+    allow_dorado_upgrade: bool = False  # let workers with a newer dorado version join (status shows both)
+    # per-chemistry models: {dorado chemistry name or run info key: model} (modelplan.py); beat `model`
+    chemistry_models: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> list[str]:
         """Raise BadInput on impossible values; return warnings for unwise ones."""
@@ -54,6 +56,11 @@ class Settings:
                 f"--heartbeat ({self.heartbeat:g}s) must be shorter than --lease ({self.lease:g}s), "
                 "or every live batch would look expired."
             )
+        from . import dorado, modelplan
+
+        refused = dorado.refused_args(self.dorado_args) + modelplan.problems(self.model, self.chemistry_models or {})
+        if refused:
+            raise BadInput("\n".join(refused))  # one line each: the CLI prints each as its own `Error:` line
         warnings = []
         if self.lease < 3 * self.heartbeat:
             warnings.append("--lease is less than 3 heartbeats: one slow ledger write may expire a live batch.")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from . import follow, lease, models
+from . import chemistry, follow, lease, modelplan, models
 from .layout import Layout
 from .models import Batch, Pod5File, Worker
 from .units import format_duration, format_size
@@ -25,6 +25,62 @@ STALL_HEARTBEATS = 10
 SPEED_BATCHES = 5  # a worker's speed is measured over its last this many done batches (its current pace)
 
 
+def _per_state(rows) -> list[tuple]:
+    """The (state, chemistry) groups of `collect`'s pass summed per state: counts and sums add up, the
+    min/max columns take the min/max (None-aware)."""
+    merged: dict[str, list] = {}
+    for r in rows:
+        have = merged.get(r[0])
+        if have is None:
+            merged[r[0]] = list(r[:14])
+            continue
+        for i in (1, 2, 3, 4, 5, 6, 7, 10, 11, 12):
+            have[i] += r[i]
+        for i, pick in ((8, min), (9, max), (13, min)):
+            values = [v for v in (have[i], r[i]) if v is not None]
+            have[i] = pick(values) if values else None
+    return [tuple(v) for v in merged.values()]
+
+
+def chemistry_section(rows, settings) -> list[dict]:
+    """Per chemistry key: files per state, bytes, reads, the chemistry dorado resolves it to, whether dorado
+    >= 1.0 has models for it, and the model the study gives it (with the reason it refuses to, if so)."""
+    groups: dict = {}
+    for r in rows:
+        state, n, size, reads_pass, reads_fail, key = r[0], r[1], r[2], r[3], r[4], r[14]
+        g = groups.setdefault(key, {"files": {s: 0 for s in models.FILE_STATES}, "bytes": {"total": 0, "done": 0},
+                                    "reads": {"total": 0, "out": 0}})
+        g["files"][state] += n
+        g["bytes"]["total"] += size
+        if state == models.DONE:
+            g["bytes"]["done"] += size
+            g["reads"]["out"] += reads_pass + reads_fail
+        if state != models.DUPLICATE:
+            g["reads"]["total"] += r[7]
+    out = []
+    for key, g in groups.items():
+        g["files"]["total"] = sum(g["files"].values())
+        out.append({"key": key, **chemistry_of(key), "model": modelplan.model_for(settings, key),
+                    "model_refusal": modelplan.refusal(settings, key) if key is not None else None, **g})
+    return sorted(out, key=lambda c: (-c["bytes"]["total"], c["key"] or ""))
+
+
+def chemistry_of(key: str | None) -> dict:
+    """What `chemistry.resolve` says of a batch key: {chemistry, analyte, supported, unsupported_reason}.
+    A file whose read groups resolve to several chemistries is `mixed` (dorado refuses it with a variant);
+    a file whose run info is unknown (unreadable, not yet complete) has all of them null."""
+    if key is None:
+        return {"chemistry": None, "analyte": None, "supported": None, "unsupported_reason": None}
+    found = [chemistry.resolve(part) for part in key.split(";")]
+    names = {c.name for c in found}
+    if len(names) > 1:
+        return {"chemistry": "mixed", "analyte": None, "supported": False,
+                "unsupported_reason": "Could not uniquely resolve chemistry from inhomogeneous data"}
+    c = found[0]
+    return {"chemistry": c.name, "analyte": c.analyte, "supported": c.supported,
+            "unsupported_reason": c.unsupported_reason}
+
+
 def collect(conn, now: float, settings) -> dict:
     t = Pod5File
     counts = {s: 0 for s in models.FILE_STATES}
@@ -33,16 +89,18 @@ def collect(conn, now: float, settings) -> dict:
     # ledger file through the network (no page cache survives a fresh connection). Six passes took 14-17 s
     # on a 1M-file ledger on GlusterFS, one takes ~4 s; 0.7 -> 0.45 s on local disk (bench/scale.py).
     recent_ = t.done_at >= now - THROUGHPUT_WINDOW
-    zero = lambda col: sa.func.coalesce(sa.func.sum(col), 0)  # noqa: E731
-    rows = conn.execute(
+    zero = zero_sum
+    # Grouped by chemistry too (the per-chemistry view) and summed per state here: still one pass.
+    per_chemistry = conn.execute(
         sa.select(
             t.state, sa.func.count(), zero(t.size),
             zero(t.reads_pass), zero(t.reads_fail), zero(t.reads_missing), zero(t.bases), zero(t.read_count),
             sa.func.min(t.added_at), sa.func.max(t.added_at),
             sa.func.count(sa.case((recent_, 1))), zero(sa.case((recent_, t.size))),
-            zero(sa.case((recent_, t.read_count))), sa.func.min(sa.case((recent_, t.done_at))),
-        ).group_by(t.state)
+            zero(sa.case((recent_, t.read_count))), sa.func.min(sa.case((recent_, t.done_at))), t.chemistry,
+        ).group_by(t.state, t.chemistry)
     ).all()
+    rows = _per_state(per_chemistry)
     for r in rows:
         counts[r[0]], bytes_by_state[r[0]] = r[1], r[2]
     by_state = {r[0]: r for r in rows}
@@ -62,6 +120,7 @@ def collect(conn, now: float, settings) -> dict:
         {
             "worker_id": w.worker_id, "host": w.host, "device": w.device, "state": w.state,
             "heartbeat_age_s": round(now - w.last_seen, 1), "batches_done": w.batches_done,
+            "dorado_version": w.dorado_version,
         }
         for w in conn.execute(sa.select(Worker).order_by(Worker.started_at)).all()
     ]
@@ -69,6 +128,7 @@ def collect(conn, now: float, settings) -> dict:
         {
             "batch_id": b.id, "worker_id": b.worker_id, "files": b.n_files, "bytes": b.n_bytes,
             "heartbeat_age_s": round(now - b.heartbeat_at, 1), "running_s": round(now - b.claimed_at, 1),
+            "chemistry": b.chemistry, "model": modelplan.model_for(settings, b.chemistry),
             "_lease_holder": lease.owner(b.worker_id, b.token),
             "_token": b.token,
         }
@@ -76,9 +136,11 @@ def collect(conn, now: float, settings) -> dict:
     ]
     _worker_speeds(conn, workers, running)
     failed = [
-        {"path": r.rel_path, "attempts": r.attempts, "error": r.last_error}
+        {"path": r.rel_path, "attempts": r.attempts, "error": r.last_error, "chemistry_key": r.chemistry,
+         "chemistry": chemistry_of(r.chemistry)["chemistry"]}
         for r in conn.execute(
-            sa.select(t.rel_path, t.attempts, t.last_error).where(t.state == models.FAILED).order_by(t.id).limit(LIST_LIMIT)
+            sa.select(t.rel_path, t.attempts, t.last_error, t.chemistry).where(t.state == models.FAILED)
+            .order_by(t.chemistry, t.id).limit(LIST_LIMIT)
         )
     ]
     original = sa.orm.aliased(Pod5File)
@@ -113,6 +175,8 @@ def collect(conn, now: float, settings) -> dict:
         "running_batches": running,
         "failed": failed,
         "duplicates": duplicates,
+        "chemistries": chemistry_section(per_chemistry, settings),
+        "dorado": dorado_section(conn, settings),
         "follow": follow.status_section(conn, now, counts),
     }
 
@@ -177,6 +241,39 @@ def _output_moved(layout, batch: dict) -> float | None:
             except OSError:
                 pass
     return newest
+
+
+def dorado_section(conn, settings) -> dict:
+    """The study's dorado version (pinned), whether newer ones may join, every version in use (by workers
+    and published batches), and the models published batches ran with, per chemistry key and version."""
+    versions: dict = {}
+
+    def entry(version):
+        return versions.setdefault(version, {"version": version, "workers_running": 0, "workers": 0, "batches": 0})
+
+    for version, state, n in conn.execute(
+            sa.select(Worker.dorado_version, Worker.state, sa.func.count()).group_by(Worker.dorado_version, Worker.state)):
+        e = entry(version)
+        e["workers"] += n
+        if state == models.WORKER_RUNNING:
+            e["workers_running"] += n
+    ran = conn.execute(
+        sa.select(Batch.model, Batch.dorado_version, Batch.chemistry, sa.func.count(), zero_sum(Batch.n_files))
+        .where(Batch.state == models.BATCH_DONE).group_by(Batch.model, Batch.dorado_version, Batch.chemistry)
+        .order_by(Batch.chemistry, Batch.model)).all()
+    for _model, version, _key, n, _files in ran:
+        entry(version)["batches"] += n
+    return {
+        "study_version": settings.dorado_version,
+        "allow_upgrade": bool(settings.allow_dorado_upgrade),
+        "versions": sorted((v for k, v in versions.items() if k is not None), key=lambda v: v["version"]),
+        "models": [{"model": m, "dorado_version": v, "chemistry_key": k, "batches": n, "files": f}
+                   for m, v, k, n, f in ran],
+    }
+
+
+def zero_sum(col):
+    return sa.func.coalesce(sa.func.sum(col), 0)
 
 
 def report(ledger) -> dict:
@@ -256,12 +353,87 @@ def render(data: dict) -> str:
             lines.append(
                 f"  batch {b['batch_id']:<8} {b['worker_id']:<36} {b['files']} files  heartbeat {b['heartbeat_age_s']:.0f}s ago"
             )
+    lines += render_dorado(data.get("dorado"))
+    lines += render_chemistries(data.get("chemistries") or [])
     if data["failed"]:
-        lines.append(f"failed files ({f['failed']}):")
-        for x in data["failed"]:
-            lines.append(f"  {x['path']}  [{x['attempts']} attempts] {x['error']}")
+        lines += render_failed(data["failed"], f["failed"])
     if data["duplicates"]:
         lines.append(f"duplicates ({f['duplicate']}), basecalled once under their first path:")
         for x in data["duplicates"]:
             lines.append(f"  {x['path']}  = {x['same_as']}")
     return "\n".join(lines)
+
+
+def render_dorado(d: dict | None) -> list[str]:
+    """The study's dorado, the versions in use and the models batches ran with (summed over run info keys)."""
+    if not d:
+        return []
+    allowed = "newer versions may join" if d["allow_upgrade"] else "others refuse to claim"
+    in_use = ", ".join(f"{v['version']} ({v['workers_running']} workers running, {v['batches']} batches)"
+                       for v in d["versions"]) or "-"
+    lines = [f"dorado:  study {d['study_version'] or '(not pinned yet: the first worker pins it)'} ({allowed}); "
+             f"in use: {in_use}"]
+    ran: dict = {}
+    for m in d["models"]:
+        r = ran.setdefault((m["model"] or "?", m["dorado_version"] or "?"), [0, 0, set()])
+        r[0], r[1] = r[0] + m["batches"], r[1] + m["files"]
+        r[2].add(m["chemistry_key"])
+    for (model, version), (batches, files, keys) in ran.items():
+        lines.append(f"  model {model} (dorado {version}): {batches} batches, {files} files, {len(keys)} run info keys")
+    return lines
+
+
+def render_chemistries(chemistries: list[dict]) -> list[str]:
+    """One row per chemistry (its run info keys summed; `status --json` has them one by one)."""
+    if not chemistries:
+        return []
+    rows: dict = {}
+    for c in chemistries:
+        label = "(run info unread)" if c["chemistry"] is None else c["chemistry"] + (
+            "" if c["supported"] else " (no dorado >= 1.0 model)")
+        r = rows.setdefault(label, {"keys": 0, "done": 0, "pending": 0, "failed": 0, "total": 0, "bytes": 0,
+                                    "refusals": set()})
+        n = c["files"]
+        r["keys"] += 1
+        r["done"] += n["done"]
+        r["pending"] += n["pending"] + n["claimed"] + n["waiting"]
+        r["failed"] += n["failed"]
+        r["total"] += n["total"]
+        r["bytes"] += c["bytes"]["total"]
+        if c.get("model_refusal"):
+            r["refusals"].add(c["model"])
+    lines = [f"chemistries: {len(rows)} ({len(chemistries)} run info keys)",
+             f"  {'chemistry':<54} {'keys':>4} {'done':>6} {'pending':>7} {'failed':>6} {'total':>6} {'data':>10}"]
+    for label, r in rows.items():
+        lines.append(f"  {label:<54} {r['keys']:>4} {r['done']:>6} {r['pending']:>7} {r['failed']:>6} {r['total']:>6} "
+                     f"{format_size(r['bytes']):>10}")
+        for model in sorted(r["refusals"]):
+            lines.append(f"    never sent to model {model}: it cannot basecall this chemistry")
+    return lines
+
+
+def _error_gist(error: str | None, key: str | None) -> str:
+    """A failure's error without what varies between files of one cause: the 'not sent' prefix, the run
+    info key, the batch log's path."""
+    text = (error or "").removeprefix("not sent to dorado: ")
+    if key:
+        text = text.replace(f"dorado refused the chemistry {key}: ", "dorado refused it: ")
+        text = text.replace(f", run info {key}:", ":")
+    if text.endswith(")") and " (log " in text:
+        text = text[: text.rindex(" (log ")]
+    return text
+
+
+def render_failed(failed: list[dict], total: int) -> list[str]:
+    """Failed files grouped by chemistry and cause: one error line per group, then its files."""
+    groups: dict = {}
+    for x in failed:
+        gist = _error_gist(x["error"], x.get("chemistry_key"))
+        groups.setdefault((x.get("chemistry"), gist), []).append(x)
+    shown = f", {len(failed)} shown" if len(failed) < total else ""
+    lines = [f"failed files ({total}{shown}), by chemistry:"]
+    for (name, gist), files in sorted(groups.items(), key=lambda item: (item[0][0] or "", item[0][1])):
+        lines.append(f"  {name or '(run info unread)'}: {len(files)} files: {gist}")
+        for x in files:
+            lines.append(f"    {x['path']}  [{x.get('chemistry_key') or '-'}, {x['attempts']} attempts]")
+    return lines

@@ -151,8 +151,9 @@ class Study:
         return json.loads(self.cli("status", "--json", "--ledger", self.ledger_path, check=True).stdout)
 
     def dorado_while(self, flag: Path, once: bool = False, **knobs) -> None:
-        """Make `dorado` on PATH apply the stand-in's `knobs` (LEDGERBC_SIM_*) only while `flag` exists
-        (and remove the flag on first use with `once`): one slow, hanging... batch among normal ones."""
+        """Make `dorado basecaller` on PATH apply the stand-in's `knobs` (LEDGERBC_SIM_*) only while `flag`
+        exists (and remove the flag on first use with `once`): one slow, hanging... batch among normal ones.
+        `dorado --version` (each worker's first call) is left alone."""
         stand_in = self.bin / "dorado-stand-in"
         (self.bin / "dorado").rename(stand_in)
         exports = "".join(f"{k}={shlex.quote(str(v))}; export {k}; " for k, v in knobs.items())
@@ -160,7 +161,7 @@ class Study:
         script = self.bin / "dorado"
         script.write_text(
             "#!/bin/sh\n"
-            f"if [ -e {shlex.quote(str(flag))} ]; then {remove}{exports}fi\n"
+            f"if [ \"$1\" = basecaller ] && [ -e {shlex.quote(str(flag))} ]; then {remove}{exports}fi\n"
             f'exec {shlex.quote(str(stand_in))} "$@"\n'
         )
         script.chmod(0o755)
