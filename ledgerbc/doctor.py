@@ -201,12 +201,19 @@ def dorado_checks(settings) -> list[Check]:
                             "dorado`) or give its path with `ledgerbc init --dorado PATH`.", errors.BadInput.exit_code))
     else:
         found, said = query_dorado_version(exe)
-        if found is not None:
-            checks.append(Check(OK, "dorado", f"{exe} --version: {found}"))
+        pinned = settings.dorado_version
+        if found is not None and pinned and found != pinned:
+            checks.append(Check(WARN, "dorado", f"{exe} --version: {found}, but the study's is {pinned}: workers "
+                                "with this dorado refuse to claim (exit 13) unless `ledgerbc settings "
+                                "--allow-dorado-upgrade` lets newer versions join."))
+        elif found is not None:
+            checks.append(Check(OK, "dorado", f"{exe} --version: {found}"
+                                + (" (the study's)" if pinned else " (the study's version is not pinned yet)")))
         else:
             checks.append(Check(FAIL, "dorado", f"{said}. Check the dorado installation (libraries, module load).",
                                 errors.BadInput.exit_code))
-    checks.append(model_check(settings.model, settings.models_directory))
+    for model in dict.fromkeys([settings.model, *sorted((settings.chemistry_models or {}).values())]):
+        checks.append(model_check(model, settings.models_directory))
     return checks
 
 

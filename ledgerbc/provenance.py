@@ -22,6 +22,7 @@ from . import claim, modelplan, models
 from .dorado import version_key
 from .errors import BadInput, DoradoVersionMismatch
 from .models import Pod5File, Setting
+from .settings import Settings
 
 
 def _get(conn, key: str, default=None):
@@ -49,7 +50,7 @@ def version_refusal(study: str, worker: str, allow_upgrade: bool) -> str | None:
             "or let newer versions join with `ledgerbc settings --allow-dorado-upgrade`")
 
 
-def admit_worker(ledger, worker_id: str, version: str) -> str:
+def admit_worker(ledger, worker_id: str, version: str, output_dir=None) -> str:
     """Pin the study's dorado version to `version` if none is pinned yet, else check `version` against it
     (one transaction). Returns the study's version; raises DoradoVersionMismatch, after recording a
     `worker-refused` event, when this worker may not claim."""
@@ -60,15 +61,17 @@ def admit_worker(ledger, worker_id: str, version: str) -> str:
         if study is None:
             _put(conn, "dorado_version", version)
             claim.event(conn, now, "dorado-pinned", worker_id, message=f"the study's dorado is {version}")
-            return version, None
+            return version, None, True
         refused = version_refusal(study, version, bool(_get(conn, "allow_dorado_upgrade", False)))
         if refused is not None:
             claim.event(conn, now, "worker-refused", worker_id, message=refused)
-        return study, refused
+        return study, refused, False
 
-    study, refused = ledger.transact(txn)
+    study, refused, pinned = ledger.transact(txn)
     if refused is not None:
         raise DoradoVersionMismatch(refused + ".")
+    if pinned and output_dir is not None:
+        Settings.update_json(output_dir, {"dorado_version": version})  # what a rebuilt ledger gets back
     return study
 
 
@@ -79,10 +82,13 @@ def change_settings(ledger, allow_upgrade: bool | None = None, model_values=()) 
     per change; the settings file beside the outputs is rewritten (what a rebuild restores)."""
     default, added = modelplan.parse_model_option(model_values) if model_values else (None, {})
 
+    changed = {}
+
     def txn(conn):
+        changed.clear()
         lines = []
         if allow_upgrade is not None and bool(_get(conn, "allow_dorado_upgrade", False)) != allow_upgrade:
-            _put(conn, "allow_dorado_upgrade", allow_upgrade)
+            changed["allow_dorado_upgrade"] = allow_upgrade
             lines.append(f"allow_dorado_upgrade = {str(allow_upgrade).lower()}")
         if model_values:
             old_default = _get(conn, "model", modelplan.DEFAULT_MODEL)
@@ -94,18 +100,20 @@ def change_settings(ledger, allow_upgrade: bool | None = None, model_values=()) 
                 raise BadInput("\n".join(problems))
             _refuse_model_changes(conn, (old_default, old), (new_default, new))
             if new_default != old_default:
-                _put(conn, "model", new_default)
+                changed["model"] = new_default
                 lines.append(f"model = {new_default}")
             if new != old:
-                _put(conn, "chemistry_models", new)
+                changed["chemistry_models"] = new
                 lines += [f"model {s} = {m}" for s, m in sorted(new.items()) if old.get(s) != m]
+        for key, value in changed.items():
+            _put(conn, key, value)
         if lines:
             claim.event(conn, ledger.clock(), "settings", message="; ".join(lines))
         return lines
 
     lines = ledger.transact(txn)
-    if lines:
-        ledger.read_settings().write_json()
+    if changed:
+        Settings.update_json(ledger.read_settings().output_dir, changed)
     return lines
 
 

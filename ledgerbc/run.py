@@ -137,7 +137,8 @@ class Worker:
     # -- the loop --------------------------------------------------------------------------------------
     def run(self) -> int:
         version = self.dorado_version()
-        self.settings.dorado_version = self.patiently(provenance.admit_worker, self.ledger, self.worker_id, version)
+        self.settings.dorado_version = self.patiently(provenance.admit_worker, self.ledger, self.worker_id, version,
+                                                      self.settings.output_dir)
         claim.register_worker(self.ledger, self.worker_id, hostname(), os.getpid(), self.opts.device,
                               gpus=self.crew.gpus, dorado_version=version)
         janitor.reclaim_own_stale(self.ledger, self.settings, self.worker_id)

@@ -118,6 +118,20 @@ class Settings:
         os.replace(tmp, path)
         return path
 
+    @staticmethod
+    def update_json(output_dir, changes: dict) -> None:
+        """Change some keys of OUTPUT_DIR's settings file in place, atomically, keeping the others as `init`
+        wrote them (paths as init's host saw them). Missing file: nothing to update."""
+        path = Path(output_dir) / SETTINGS_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        data.update(changes)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
     @classmethod
     def read_json(cls, output_dir) -> "Settings":
         path = Path(output_dir) / SETTINGS_FILE

@@ -435,5 +435,5 @@ def render_failed(failed: list[dict], total: int) -> list[str]:
     for (name, gist), files in sorted(groups.items(), key=lambda item: (item[0][0] or "", item[0][1])):
         lines.append(f"  {name or '(run info unread)'}: {len(files)} files: {gist}")
         for x in files:
-            lines.append(f"    {x['path']}  [{x.get('chemistry_key') or '-'}, {x['attempts']} attempts]")
+            lines.append(f"    {x['path']}  [{x.get('chemistry_key') or '-'}, attempts {x['attempts']}]")
     return lines

@@ -11,14 +11,13 @@ import json
 import math
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from helpers import (  # noqa: F401  (study is a fixture)
-    REAL_POD5, Study, assert_work_tree_clean, check_outputs, copy_real_pod5, events, files_by_rel, pod5_read_ids,
-    query, read_fastq, study,
+from helpers import (
+    Study, assert_work_tree_clean, check_outputs, copy_real_pod5, events, files_by_rel, pod5_read_ids, query,
+    read_fastq,
 )
 from ledgerbc import chemistry, dorado, models, modelplan, provenance
 from ledgerbc.cli import cli
@@ -30,6 +29,15 @@ DNA_MODEL = "dna_r10.4.1_e8.2_400bps_hac@v5.0.0"
 RNA_MODEL = "rna004_130bps_sup@v5.1.0"
 NBD_KEY = chemistry.RunInfoKey(*synth.DNA_5KHZ_NBD).key
 RNA_KEY = chemistry.RunInfoKey(*synth.RNA004).key
+
+
+@pytest.fixture(name="study")
+def _study(tmp_path):
+    """helpers.study, registered under its name without importing it (ruff would see each test's
+    `study` argument as a redefinition)."""
+    s = Study(tmp_path)
+    yield s
+    s.close()
 
 
 def dorado_calls(study: Study) -> dict[int, list[str]]:
@@ -337,6 +345,12 @@ def test_a_worker_with_another_dorado_refuses_to_claim_unless_the_study_allows_u
         synth.write_pod5(study.input / f"run/f{i}.pod5", 3, seed=i)
     study.init("--batch-files", 2)  # dorado (the stand-in, 1.1.1+simulated) is on PATH: init pins its version
     assert study.ledger.read_settings().dorado_version == "1.1.1+simulated"
+    shown = study.cli("settings", "--ledger", study.ledger_path).stdout.splitlines()
+    assert 'dorado_version = "1.1.1+simulated"' in shown and "allow_dorado_upgrade = false" in shown
+    # doctor, on a node whose dorado is another version, warns that workers there would refuse.
+    doctor = study.cli("doctor", "--ledger", study.ledger_path, env=study.env(LEDGERBC_SIM_VERSION="1.3.0+0a1b2c3d"),
+                       check=False).stdout
+    assert "1.3.0+0a1b2c3d, but the study's is 1.1.1+simulated" in doctor
 
     newer = study.start_worker("newer", LEDGERBC_SIM_VERSION="1.3.0+0a1b2c3d")
     assert study.wait_workers([newer]) == {"newer": 13}
@@ -392,6 +406,7 @@ def test_without_dorado_at_init_the_first_worker_pins_the_version_atomically(stu
     winner = next(w for w, code in codes.items() if code == 0)
     pinned = {"a": "1.2.0+aaaaaaa", "b": "1.4.0+bbbbbbb"}[winner]
     assert study.ledger.read_settings().dorado_version == pinned
+    assert json.loads((study.output / "ledgerbc.settings.json").read_text())["dorado_version"] == pinned  # for a rebuild
     assert [e.worker_id for e in events(study.ledger, "dorado-pinned")] == [winner]
     check_outputs(study)
     assert {b.dorado_version for b in query(study.ledger, models.Batch.__table__.select())} == {pinned}
