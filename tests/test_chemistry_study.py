@@ -31,15 +31,6 @@ NBD_KEY = chemistry.RunInfoKey(*synth.DNA_5KHZ_NBD).key
 RNA_KEY = chemistry.RunInfoKey(*synth.RNA004).key
 
 
-@pytest.fixture(name="study")
-def _study(tmp_path):
-    """helpers.study, registered under its name without importing it (ruff would see each test's
-    `study` argument as a redefinition)."""
-    s = Study(tmp_path)
-    yield s
-    s.close()
-
-
 def dorado_calls(study: Study) -> dict[int, list[str]]:
     """{batch id: the lines of its log}, for every batch dorado was started for."""
     return {int(log.stem): log.read_text(errors="replace").splitlines()
@@ -155,7 +146,7 @@ def test_three_workers_never_mix_chemistries_and_call_dorado_near_the_minimum(st
     batch_files = 8
     study.init("--batch-files", batch_files)
     copy_real_pod5(study.input / "real")
-    study.cli("scan", "--ledger", study.ledger_path)
+    study.cli("scan", "--ledger", study.ledger_path, check=True)
     workers = [study.start_worker(f"w{i}") for i in range(3)]
     codes = study.wait_workers(workers, timeout=300)
     assert codes == {f"w{i}": 0 for i in range(3)}, {w: study.worker_log(w)[-2000:] for w in codes}
@@ -217,7 +208,7 @@ def test_three_workers_never_mix_chemistries_and_call_dorado_near_the_minimum(st
     assert all(per_key[key] == 1 for key in refused_keys), "a refused chemistry was sent to dorado twice"
 
     # The text view groups the 18 failures by chemistry: one error line per chemistry, not per file.
-    text = study.cli("status", "--ledger", study.ledger_path).stdout
+    text = study.cli("status", "--ledger", study.ledger_path, check=True).stdout
     groups = [line for line in text.splitlines() if re.match(r"^  \S.*: \d+ files: ", line)]
     assert len(groups) == len({chemistry.resolve(rows[rel].chemistry).name for rel in unsupported - {dup}})
     assert "dna_r9.4.1_e8: 3 files: dorado refused it: The 'DNA r9.4.1 e8' chemistry has been deprecated" in text
@@ -254,12 +245,12 @@ def test_an_explicit_dna_model_never_basecalls_an_rna_read(study: Study):
     # Admitted under a variant (every file pending), then the study switches to an explicit DNA model while
     # nothing is done yet: the pending RNA files were admitted before that model was known.
     study.init("--batch-files", 4)
-    assert study.cli("settings", "--ledger", study.ledger_path, "--model", DNA_MODEL).stdout == f"model = {DNA_MODEL}\n"
+    assert study.cli("settings", "--ledger", study.ledger_path, "--model", DNA_MODEL, check=True).stdout == f"model = {DNA_MODEL}\n"
     assert json.loads((study.output / "ledgerbc.settings.json").read_text())["model"] == DNA_MODEL
     # RNA files that arrive now are refused at admission, before any worker sees them.
     for i in range(6):
         synth.write_pod5(study.input / f"synthetic/rna_late/r{i}.pod5", 3, seed=80 + i, chemistry=synth.RNA004)
-    study.cli("scan", "--ledger", study.ledger_path)
+    study.cli("scan", "--ledger", study.ledger_path, check=True)
     late = files_by_rel(study.ledger)
     for i in range(6):
         row = late[f"synthetic/rna_late/r{i}.pod5"]
@@ -299,9 +290,9 @@ def test_an_explicit_dna_model_never_basecalls_an_rna_read(study: Study):
 
     # The fix the error names: give RNA004 its own model, retry. RNA004 files are basecalled with it; files
     # no model of the study can serve fail again, still unsent.
-    out = study.cli("settings", "--ledger", study.ledger_path, "--model", f"rna004_130bps={RNA_MODEL}").stdout
+    out = study.cli("settings", "--ledger", study.ledger_path, "--model", f"rna004_130bps={RNA_MODEL}", check=True).stdout
     assert out == f"model rna004_130bps = {RNA_MODEL}\n"
-    study.cli("retry", "--ledger", study.ledger_path, "--all-failed")
+    study.cli("retry", "--ledger", study.ledger_path, "--all-failed", check=True)
     assert study.wait_workers([study.start_worker("w2")], timeout=300) == {"w2": 0}
     rows = files_by_rel(study.ledger)
     rna004 = {rel for rel in rna if chemistry.resolve(rows[rel].chemistry).name == "rna004_130bps"}
@@ -345,7 +336,7 @@ def test_a_worker_with_another_dorado_refuses_to_claim_unless_the_study_allows_u
         synth.write_pod5(study.input / f"run/f{i}.pod5", 3, seed=i)
     study.init("--batch-files", 2)  # dorado (the stand-in, 1.1.1+simulated) is on PATH: init pins its version
     assert study.ledger.read_settings().dorado_version == "1.1.1+simulated"
-    shown = study.cli("settings", "--ledger", study.ledger_path).stdout.splitlines()
+    shown = study.cli("settings", "--ledger", study.ledger_path, check=True).stdout.splitlines()
     assert 'dorado_version = "1.1.1+simulated"' in shown and "allow_dorado_upgrade = false" in shown
     # doctor, on a node whose dorado is another version, warns that workers there would refuse.
     doctor = study.cli("doctor", "--ledger", study.ledger_path, env=study.env(LEDGERBC_SIM_VERSION="1.3.0+0a1b2c3d"),
@@ -361,7 +352,7 @@ def test_a_worker_with_another_dorado_refuses_to_claim_unless_the_study_allows_u
 
     first = study.start_worker("pinned", "--max-batches", "1")
     assert study.wait_workers([first]) == {"pinned": 0}
-    assert study.cli("settings", "--ledger", study.ledger_path, "--allow-dorado-upgrade").stdout == \
+    assert study.cli("settings", "--ledger", study.ledger_path, "--allow-dorado-upgrade", check=True).stdout == \
         "allow_dorado_upgrade = true\n"
     assert json.loads((study.output / "ledgerbc.settings.json").read_text())["allow_dorado_upgrade"] is True
     older = study.start_worker("older", LEDGERBC_SIM_VERSION="1.0.0+01d")
@@ -381,10 +372,10 @@ def test_a_worker_with_another_dorado_refuses_to_claim_unless_the_study_allows_u
     assert versions["1.1.1+simulated"]["batches"] == 1 and versions["1.3.0+0a1b2c3d"]["batches"] == len(batches) - 1
     assert {w["worker_id"]: w["dorado_version"] for w in status["workers"]} == {
         "pinned": "1.1.1+simulated", "upgraded": "1.3.0+0a1b2c3d"}
-    text = study.cli("status", "--ledger", study.ledger_path).stdout
+    text = study.cli("status", "--ledger", study.ledger_path, check=True).stdout
     assert "in use: 1.1.1+simulated (0 workers running, 1 batches), 1.3.0+0a1b2c3d" in text
     # And back: with upgrades forbidden again, the newer dorado is refused.
-    study.cli("settings", "--ledger", study.ledger_path, "--forbid-dorado-upgrade")
+    study.cli("settings", "--ledger", study.ledger_path, "--forbid-dorado-upgrade", check=True)
     again = study.start_worker("again", LEDGERBC_SIM_VERSION="1.3.0+0a1b2c3d")
     assert study.wait_workers([again]) == {"again": 13}
 
@@ -396,7 +387,7 @@ def test_without_dorado_at_init_the_first_worker_pins_the_version_atomically(stu
     no_dorado = {k: v for k, v in study.env().items() if k != "PATH"}
     no_dorado["PATH"] = "/usr/bin:/bin"
     study.cli("init", study.input, study.output, "--batch-files", 1, "--lease", "20s", "--heartbeat", "1s",
-              env=no_dorado)
+              env=no_dorado, check=True)
     assert study.ledger.read_settings().dorado_version is None
     # Two first workers at once, with different dorado versions: one pins, the other is held to it.
     a = study.start_worker("a", LEDGERBC_SIM_VERSION="1.2.0+aaaaaaa")
