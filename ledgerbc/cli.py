@@ -19,13 +19,13 @@ from .units import parse_duration, parse_size
 
 # Flags never read from the environment: a `LEDGERBC_FORCE=1` left in a shell (or inherited by a Slurm job)
 # must not turn a routine command into a destructive or wider one. Documented in the README.
-NO_ENV = frozenset({"--force", "--rebuild", "--partial", "--all-failed"})
+NO_ENV = frozenset({"--force", "--rebuild", "--partial", "--all-failed", "--allow-dorado-upgrade", "--set-model"})
 USAGE = 2  # click's own code for a command line it cannot parse (unknown option, missing argument)
 
 
 def opt(*names, **kwargs):
     """A click option that can also come from LEDGERBC_<NAME> (unless it is in NO_ENV)."""
-    long = next(n for n in names if n.startswith("--"))
+    long = next(n for n in names if n.startswith("--")).split("/")[0]  # "--on/--off": named after --on
     if long in NO_ENV:
         kwargs["help"] = f"{kwargs.get('help', '')} Command line only (never read from LEDGERBC_*).".strip()
     else:
@@ -274,10 +274,9 @@ def status(ledger_path, as_json, watch):
 
 @cli.command("settings")
 @ledger_option
-# Never from the environment: a LEDGERBC_* variable left in a shell must not change a study's settings.
-@opt("--allow-dorado-upgrade/--forbid-dorado-upgrade", "allow_upgrade", default=None, envvar=None,
+@opt("--allow-dorado-upgrade/--forbid-dorado-upgrade", "allow_upgrade", default=None,
      help="Let workers with a newer dorado than the study's join (status shows every version), or not.")
-@opt("--model", "models", multiple=True, metavar="[CHEMISTRY=]MODEL", envvar=None,
+@opt("--set-model", "models", multiple=True, metavar="[CHEMISTRY=]MODEL",
      help="Give a chemistry its own model (or change the default): refused where a file was already "
           "basecalled with another model.")
 def settings_command(ledger_path, allow_upgrade, models):

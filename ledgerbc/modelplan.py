@@ -27,7 +27,7 @@ DEFAULT_MODEL = "hac"
 CHEMISTRY_NAMES = tuple(row.name for row in chemistry.CHEMISTRIES)
 
 
-def parse_model_option(values) -> tuple[str | None, dict[str, str]]:
+def parse_model_option(values, option: str = "--model") -> tuple[str | None, dict[str, str]]:
     """(default model or None when no value gives one, {selector: model}) from `--model` values: `MODEL` or
     `SELECTOR=MODEL`. A value whose left side is not a selector is a model (a folder's path may hold '='),
     but only if that path exists."""
@@ -38,20 +38,20 @@ def parse_model_option(values) -> tuple[str | None, dict[str, str]]:
         if sep and is_selector(selector):
             selector = normal_selector(selector)
             if not model:
-                raise BadInput(f"--model {value}: no model after '='. Give `--model {selector}=MODEL`.")
+                raise BadInput(f"{option} {value}: no model after '='. Give `{option} {selector}=MODEL`.")
             if per_chemistry.get(selector, model) != model:
-                raise BadInput(f"--model gives {selector} two models ({per_chemistry[selector]}, {model}). Give one.")
+                raise BadInput(f"{option} gives {selector} two models ({per_chemistry[selector]}, {model}). Give one.")
             per_chemistry[selector] = model
         elif sep and not os.path.exists(value):
             raise BadInput(
-                f"--model {value}: '{selector}' is neither a dorado chemistry name ({', '.join(CHEMISTRY_NAMES)}) "
-                "nor a run info key FLOWCELL|KIT|RATE. Give `--model CHEMISTRY=MODEL`, or a model that exists.")
+                f"{option} {value}: '{selector}' is neither a dorado chemistry name ({', '.join(CHEMISTRY_NAMES)}) "
+                f"nor a run info key FLOWCELL|KIT|RATE. Give `{option} CHEMISTRY=MODEL`, or a model that exists.")
         elif not value:
-            raise BadInput("--model is empty. Give a model variant (hac), a model name or a model folder.")
+            raise BadInput(f"{option} is empty. Give a model variant (hac), a model name or a model folder.")
         else:
             if default not in (None, value):
-                raise BadInput(f"--model gives two default models ({default}, {value}). Give one, and "
-                               "`--model CHEMISTRY=MODEL` for the chemistries that need another.")
+                raise BadInput(f"{option} gives two default models ({default}, {value}). Give one, and "
+                               f"`{option} CHEMISTRY=MODEL` for the chemistries that need another.")
             default = value
     return default, per_chemistry
 
@@ -147,18 +147,18 @@ def refusal(settings, key: str | None) -> str | None:
         if not ok:
             selector = chem.name if chem.name != chemistry.UNKNOWN_CHEMISTRY else part
             return (f"{why}, run info {part}: never sent to that model (dorado would basecall it with it without "
-                    f"a word). Give chemistry {selector} a model (`ledgerbc settings --model '{selector}=MODEL'`), "
+                    f"a word). Give chemistry {selector} a model (`ledgerbc settings --set-model '{selector}=MODEL'`), "
                     "then `ledgerbc retry --all-failed`")
     return None
 
 
-def problems(default: str, per_chemistry: dict[str, str]) -> list[str]:
+def problems(default: str, per_chemistry: dict[str, str], option: str = "--model") -> list[str]:
     """What is wrong with a model plan, one line each: models dorado refuses to parse or has dropped, and
     per-chemistry models that cannot serve the chemistry they are given for."""
     out = []
     for selector, model in [(None, default)] + sorted(per_chemistry.items()):
         wanted = spec(model)
-        where = f"--model {model}" if selector is None else f"--model {selector}={model}"
+        where = f"{option} {model}" if selector is None else f"{option} {selector}={model}"
         if wanted.errors:
             out.append(f"{where}: dorado refuses it ({wanted.errors[0]}). Give a variant such as hac or sup@v5.0.0, "
                        "a released model name, or a model folder.")

@@ -77,10 +77,10 @@ def admit_worker(ledger, worker_id: str, version: str, output_dir=None) -> str:
 
 def change_settings(ledger, allow_upgrade: bool | None = None, model_values=()) -> list[str]:
     """Change what a study may change mid-study, in one transaction: whether newer dorado versions may
-    join, and models (`--model` values: a default, `SELECTOR=MODEL` entries added or replaced). A model
+    join, and models (`--set-model` values: a default, `SELECTOR=MODEL` entries added or replaced). A model
     change is refused (BadInput) when any file whose model it changes is done or claimed. Returns one line
     per change; the settings file beside the outputs is rewritten (what a rebuild restores)."""
-    default, added = modelplan.parse_model_option(model_values) if model_values else (None, {})
+    default, added = modelplan.parse_model_option(model_values, "--set-model") if model_values else (None, {})
 
     changed = {}
 
@@ -95,7 +95,7 @@ def change_settings(ledger, allow_upgrade: bool | None = None, model_values=()) 
             old = dict(_get(conn, "chemistry_models", {}) or {})
             new_default = default or old_default
             new = {**old, **added}
-            problems = modelplan.problems(new_default, new)
+            problems = modelplan.problems(new_default, new, "--set-model")
             if problems:
                 raise BadInput("\n".join(problems))
             _refuse_model_changes(conn, (old_default, old), (new_default, new))

@@ -110,7 +110,7 @@ def test_an_explicit_model_refuses_what_it_cannot_serve_a_variant_refuses_nothin
     for key in (NBD_KEY, "FLO-FLG114HD|SQK-LSK114-XL|5000"):
         assert modelplan.refusal(explicit, key) is None
     rna = modelplan.refusal(explicit, RNA_KEY)
-    assert DNA_MODEL in rna and "rna004_130bps" in rna and RNA_KEY in rna and "ledgerbc settings --model" in rna
+    assert DNA_MODEL in rna and "rna004_130bps" in rna and RNA_KEY in rna and "ledgerbc settings --set-model" in rna
     assert "4000 Hz" in modelplan.refusal(explicit, "FLO-PRO114M|SQK-LSK114|4000")  # 4 kHz DNA: the rate
     assert modelplan.refusal(explicit, "FLO-PRO002|SQK-RNA002|4000")  # an RNA kit, whatever dorado calls it
     assert modelplan.refusal(explicit, None)  # run info never read: cannot tell
@@ -245,7 +245,7 @@ def test_an_explicit_dna_model_never_basecalls_an_rna_read(study: Study):
     # Admitted under a variant (every file pending), then the study switches to an explicit DNA model while
     # nothing is done yet: the pending RNA files were admitted before that model was known.
     study.init("--batch-files", 4)
-    assert study.cli("settings", "--ledger", study.ledger_path, "--model", DNA_MODEL, check=True).stdout == f"model = {DNA_MODEL}\n"
+    assert study.cli("settings", "--ledger", study.ledger_path, "--set-model", DNA_MODEL, check=True).stdout == f"model = {DNA_MODEL}\n"
     assert json.loads((study.output / "ledgerbc.settings.json").read_text())["model"] == DNA_MODEL
     # RNA files that arrive now are refused at admission, before any worker sees them.
     for i in range(6):
@@ -290,7 +290,7 @@ def test_an_explicit_dna_model_never_basecalls_an_rna_read(study: Study):
 
     # The fix the error names: give RNA004 its own model, retry. RNA004 files are basecalled with it; files
     # no model of the study can serve fail again, still unsent.
-    out = study.cli("settings", "--ledger", study.ledger_path, "--model", f"rna004_130bps={RNA_MODEL}", check=True).stdout
+    out = study.cli("settings", "--ledger", study.ledger_path, "--set-model", f"rna004_130bps={RNA_MODEL}", check=True).stdout
     assert out == f"model rna004_130bps = {RNA_MODEL}\n"
     study.cli("retry", "--ledger", study.ledger_path, "--all-failed", check=True)
     assert study.wait_workers([study.start_worker("w2")], timeout=300) == {"w2": 0}
@@ -305,7 +305,7 @@ def test_an_explicit_dna_model_never_basecalls_an_rna_read(study: Study):
     assert {model for key, model in ran if chemistry.resolve(key).name == "rna004_130bps"} == {RNA_MODEL}
     assert {model for key, model in ran if chemistry.resolve(key).analyte == "dna"} == {DNA_MODEL}
     # One chemistry, one model: once RNA004 files are done with one model, another is refused.
-    refused = study.cli("settings", "--ledger", study.ledger_path, "--model", "rna004_130bps=rna004_130bps_hac@v5.1.0",
+    refused = study.cli("settings", "--ledger", study.ledger_path, "--set-model", "rna004_130bps=rna004_130bps_hac@v5.1.0",
                         check=False)
     assert refused.returncode == 3 and refused.stderr.count("Error: ") == 1
     assert RNA_MODEL in refused.stderr and "would mix models" in refused.stderr
@@ -336,8 +336,11 @@ def test_a_worker_with_another_dorado_refuses_to_claim_unless_the_study_allows_u
         synth.write_pod5(study.input / f"run/f{i}.pod5", 3, seed=i)
     study.init("--batch-files", 2)  # dorado (the stand-in, 1.1.1+simulated) is on PATH: init pins its version
     assert study.ledger.read_settings().dorado_version == "1.1.1+simulated"
-    shown = study.cli("settings", "--ledger", study.ledger_path, check=True).stdout.splitlines()
+    # `settings` alone shows them; a variable left in the shell changes nothing (command line only).
+    risky = study.env(LEDGERBC_ALLOW_DORADO_UPGRADE="1", LEDGERBC_SET_MODEL=f"rna004_130bps={RNA_MODEL}")
+    shown = study.cli("settings", "--ledger", study.ledger_path, env=risky, check=True).stdout.splitlines()
     assert 'dorado_version = "1.1.1+simulated"' in shown and "allow_dorado_upgrade = false" in shown
+    assert not study.ledger.read_settings().allow_dorado_upgrade and not study.ledger.read_settings().chemistry_models
     # doctor, on a node whose dorado is another version, warns that workers there would refuse.
     doctor = study.cli("doctor", "--ledger", study.ledger_path, env=study.env(LEDGERBC_SIM_VERSION="1.3.0+0a1b2c3d"),
                        check=False).stdout

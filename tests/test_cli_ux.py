@@ -56,7 +56,7 @@ def test_every_option_reads_its_environment_name_except_the_risky_flags():
             assert param.envvar is None, f"{command} {long} must not be read from the environment"
         else:
             assert param.envvar == "LEDGERBC_" + long[2:].replace("-", "_").upper(), f"{command} {long}"
-    assert NO_ENV == {"--force", "--rebuild", "--partial", "--all-failed"}
+    assert NO_ENV == {"--force", "--rebuild", "--partial", "--all-failed", "--allow-dorado-upgrade", "--set-model"}
 
 
 def test_the_readme_lists_the_flags_never_read_from_the_environment():
