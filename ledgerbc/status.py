@@ -430,8 +430,8 @@ def render_failed(failed: list[dict], total: int) -> list[str]:
     for x in failed:
         gist = _error_gist(x["error"], x.get("chemistry_key"))
         groups.setdefault((x.get("chemistry"), gist), []).append(x)
-    shown = f", {len(failed)} shown" if len(failed) < total else ""
-    lines = [f"failed files ({total}{shown}), by chemistry:"]
+    shown = f" {len(failed)} shown," if len(failed) < total else ""
+    lines = [f"failed files ({total}):{shown} by chemistry and cause"]
     for (name, gist), files in sorted(groups.items(), key=lambda item: (item[0][0] or "", item[0][1])):
         lines.append(f"  {name or '(run info unread)'}: {len(files)} files: {gist}")
         for x in files:

@@ -261,6 +261,19 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def basecallers_of(pid: int) -> list[int]:
+    """Children of a worker `pid` that run `dorado basecaller` (not its `dorado --version` at start)."""
+    found = []
+    for child in children_of(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"basecaller" in argv:
+            found.append(child)
+    return found
+
+
 def pids_mentioning(text: str) -> list[int]:
     """Processes (other than this one) whose command line contains `text`: e.g. a test's tmp folder."""
     return [pid for pid, cmd in _processes() if text in cmd and pid != os.getpid()]

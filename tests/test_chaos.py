@@ -24,7 +24,7 @@ from ledgerbc.models import Batch
 from ledgerbc.testkit.synth import make_dataset
 from ledgerbc.testkit import install_fake_dorado
 from helpers import (
-    ledgerbc_argv, wait_for, check_exactly_once, children_of, kill_group, kill_leftovers, pids_mentioning, pod5_reads,
+    ledgerbc_argv, wait_for, check_exactly_once, basecallers_of, kill_group, kill_leftovers, pids_mentioning, pod5_reads,
 )
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ class Fleet:
         return [w for w, p in self.procs.items() if p.poll() is None]
 
     def dorado_of(self, worker_id: str) -> list[int]:
-        return children_of(self.procs[worker_id].pid)
+        return basecallers_of(self.procs[worker_id].pid)
 
     def codes(self) -> dict[str, int | None]:
         return {w: p.poll() for w, p in self.procs.items()}

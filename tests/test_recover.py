@@ -17,7 +17,7 @@ from ledgerbc import claim, models
 from ledgerbc.models import Batch
 from ledgerbc.rebuild import ID_MARGIN, rebuild_ledger
 from ledgerbc.testkit.synth import write_pod5
-from helpers import make_study, check_exactly_once, children_of, kill_leftovers, pod5_reads
+from helpers import make_study, check_exactly_once, basecallers_of, kill_leftovers, pod5_reads
 
 REBUILD_HINT = "recover --rebuild"
 
@@ -103,7 +103,7 @@ def test_rebuild_while_a_worker_is_mid_batch_lets_it_keep_and_publish_its_batch(
     worker = study.start_worker("alive")
     try:
         deadline = time.monotonic() + 60
-        while not (assigned := list((study.output / "work").glob("ASSIGNED_*_alive"))) or not children_of(worker.pid):
+        while not (assigned := list((study.output / "work").glob("ASSIGNED_*_alive"))) or not basecallers_of(worker.pid):
             assert time.monotonic() < deadline and worker.poll() is None, study.worker_log("alive")
             time.sleep(0.1)
         batch_id = int(assigned[0].name.split("_")[1])
@@ -209,7 +209,7 @@ def test_a_worker_whose_ledger_stays_lost_gives_up_and_a_rebuild_lets_others_fin
     worker = study.start_worker("stranded")
     try:
         deadline = time.monotonic() + 60
-        while not children_of(worker.pid):
+        while not basecallers_of(worker.pid):
             assert time.monotonic() < deadline and worker.poll() is None, study.worker_log("stranded")
             time.sleep(0.1)
         study.ledger_path.unlink()  # lost mid-batch, and nobody rebuilds it within a lease
