@@ -81,33 +81,43 @@ class BatchRun:
     def execute(self) -> str:
         b = self.batch
         try:
-            try:
-                outcome = self._stages()
-            except OSError as exc:
-                if exc.errno in _FULL:
-                    raise self._storage_full(exc.filename or self.staging) from None
-                raise
-        except (StorageFull, *LEDGER_UNAVAILABLE):
+            outcome = self._outcome()
+        except StorageFull as exc:
+            raise self._storage_full(exc) from None
+        except LEDGER_UNAVAILABLE:
             self._stop_dorado()  # dorado (own session) must not outlive the worker
             raise  # ASSIGNED stays: the batch expires (or a rebuild adopts it) and is redone
-        except NotOwner:
-            outcome = "fenced"
-        except LedgerError as exc:  # e.g. IllegalTransition: this batch is broken, the worker is not
-            outcome = self._fail(f"ledger refused this batch's update: {exc}")
-        except Exception as exc:  # one bad batch must never kill the worker
-            if not self._owned():
-                outcome = "fenced"  # e.g. its staging was cleaned after a reclaim: nothing to report
-            else:
-                log.exception("batch %s failed", b.batch_id)
-                outcome = self._fail(f"ledgerbc could not process the batch: {type(exc).__name__}: {exc}")
         self._stop_dorado()  # the batch ended on an error while dorado ran: it must not run on, orphaned
         if outcome == "stopped":
             self._release("worker stopped by signal")
-        if outcome == "fenced":
-            log.warning("batch %s was taken back from this worker (fenced): its output is discarded", b.batch_id)
         self.cleanup()
-        log.info("batch %s: %s", b.batch_id, outcome)
+        if outcome == "fenced":  # one line, never a traceback: losing a batch is part of the protocol
+            log.warning("batch %s was taken back from this worker (fenced): its output is discarded", b.batch_id)
+        else:
+            log.info("batch %s: %s", b.batch_id, outcome)
         return outcome
+
+    def _outcome(self) -> str:
+        """How the batch ended; raises StorageFull and LEDGER_UNAVAILABLE (execute handles them)."""
+        try:
+            try:
+                return self._stages()
+            except OSError as exc:
+                if exc.errno in _FULL:
+                    raise StorageFull(f"{exc.strerror}: {exc.filename}", folder=exc.filename) from None
+                raise
+        except (StorageFull, *LEDGER_UNAVAILABLE):
+            raise
+        except NotOwner:
+            return "fenced"
+        except LedgerError as exc:  # e.g. IllegalTransition: this batch is broken, the worker is not
+            return self._fail(f"ledger refused this batch's update: {exc}")
+        except Exception as exc:  # one bad batch must never kill the worker
+            if not self._owned():
+                return "fenced"  # e.g. its staging was cleaned after a reclaim: nothing to report
+            probe_space(self.staging)  # a full disk makes odd errors (a truncated BAM): StorageFull, no attempt
+            log.exception("batch %s failed", self.batch.batch_id)
+            return self._fail(f"ledgerbc could not process the batch: {type(exc).__name__}: {exc}")
 
     def _stages(self) -> str:
         refused = modelplan.refusal(self.crew.settings, self.batch.chemistry)
@@ -117,6 +127,7 @@ class BatchRun:
             # of its key at once, with no dorado call.
             return self._fail(refused, now_failed=True)
         links = self.prepare()
+        self.beat.renew_lease()  # a sign of life from the start: `recover --force` leaves a batch that shows one
         ended = self.basecall()
         if ended != "exited":
             return ended
@@ -187,6 +198,8 @@ class BatchRun:
                 except NotOwner:
                     self._stop_dorado()
                     return "fenced"
+                except StorageFull:
+                    raise  # the ledger cannot be written: give the batch back (or let it expire) and exit
                 except LedgerError as exc:  # ledger briefly unreachable or being rebuilt: keep working
                     log.warning("heartbeat of batch %s failed: %s", self.batch.batch_id, exc)
                 crew.patiently(crew.janitor.maybe_run)
@@ -264,7 +277,7 @@ class BatchRun:
                 next_beat = time.monotonic() + self.crew.settings.heartbeat
                 try:
                     self.beat.beat()
-                except NotOwner as exc:
+                except (NotOwner, StorageFull) as exc:
                     fenced = exc  # let the thread finish (it only writes to staging), then stop
                 except LedgerError as exc:
                     log.warning("heartbeat of batch %s failed: %s", self.batch.batch_id, exc)
@@ -303,15 +316,40 @@ class BatchRun:
         except (NotOwner, LedgerError) as exc:
             log.warning("could not release batch %s: %s", self.batch.batch_id, exc)
 
-    def _storage_full(self, where) -> StorageFull:
-        folder = Path(where) if where else self.staging
+    def _storage_full(self, exc: StorageFull) -> StorageFull:
+        """OUTPUT_DIR or the ledger is full: stop dorado, give the batch back without counting an attempt (when
+        the ledger itself cannot be written, its lease expires instead), clean up; the one-line error to exit
+        with (code 11)."""
         self._stop_dorado()
-        self._release("storage full")  # no attempt counted; when the ledger cannot be written either, the lease expires
+        b = self.batch.batch_id
+        given_back = not exc.ledger
+        if given_back:
+            try:
+                claim.release_batch(self.crew.ledger, self.batch, "storage full")
+            except StorageFull:
+                given_back = False
+            except LedgerError as err:  # fenced meanwhile, or the ledger unreachable: it expires
+                log.debug("could not release batch %s: %s", b, err)
         self.cleanup()
+        fate = (f"batch {b} given back" if given_back
+                else f"batch {b} will be redone once its lease expires")
+        if exc.ledger:
+            return StorageFull(f"{exc} ({fate}; nothing failed)", folder=exc.folder, ledger=True)
+        folder = self._full_folder(exc.folder)
         return StorageFull(
-            f"no space left on the filesystem of {folder} (batch {self.batch.batch_id} given back, nothing failed). "
-            "Free space (or raise the quota), then start the workers again."
+            f"no space left on the filesystem of {folder} ({fate}; nothing failed). Free space (or raise the "
+            "quota), then start the workers again.", folder=folder,
         )
+
+    def _full_folder(self, where) -> Path:
+        """The folder to name: OUTPUT_DIR when the full path is inside it (the user knows that one)."""
+        output = self.crew.layout.output
+        path = Path(where) if where else self.staging
+        try:
+            path.relative_to(output)
+            return output
+        except ValueError:
+            return path if path.is_dir() else path.parent
 
     def _owned(self) -> bool:
         try:

@@ -348,7 +348,9 @@ def run(ctx, ledger_path, worker_id, device, follow, idle_exit, max_batches, log
 @opt("--rebuild", is_flag=True, help="Recreate a lost or corrupt ledger from the files on disk.")
 @opt("--input", "input_dir", type=click.Path(path_type=Path), help="With --rebuild: INPUT_DIR.")
 @opt("--output", "output_dir", type=click.Path(path_type=Path), help="With --rebuild: OUTPUT_DIR.")
-@opt("--force", is_flag=True, help="Reclaim every running batch, expired or not (after a cluster-wide crash).")
+@opt("--force", is_flag=True, help="Reclaim every running batch whose lease is not being renewed, without "
+     "counting an attempt (after a cluster-wide crash). With --rebuild: accept an --input/--output other than "
+     "the folders ledgerbc.settings.json records.")
 def recover(ledger_path, rebuild, input_dir, output_dir, force):
     """Reclaim expired batches, clean dead work folders, reconcile the ledger with the outputs."""
     if rebuild:
@@ -357,7 +359,7 @@ def recover(ledger_path, rebuild, input_dir, output_dir, force):
         from .rebuild import rebuild_ledger
 
         with scanning() as update:
-            path, lines = rebuild_ledger(input_dir, output_dir, ledger_path, progress=update)
+            path, lines = rebuild_ledger(input_dir, output_dir, ledger_path, force=force, progress=update)
         for line in lines:
             click.echo(line)
         click.echo(f"ledger rebuilt: {path}")
@@ -369,6 +371,24 @@ def recover(ledger_path, rebuild, input_dir, output_dir, force):
     report = janitor.recover(ledger, force=force)
     for line in report.lines():
         click.echo(line)
+
+
+@cli.command()
+@ledger_option
+@opt("--deep", is_flag=True, help="Also read every pod5 and every output: each read id exactly once.")
+@click.pass_context
+def verify(ctx, ledger_path, deep):
+    """Check the ledger against the outputs on disk, changing nothing (run it before deleting raw data).
+
+    One line per violation, `<rel path>: <what is wrong>`; exit 0 only when every invariant holds, 12 otherwise.
+    """
+    from . import verify as verify_mod
+
+    report = verify_mod.verify(open_ledger(ledger_path), deep=deep)
+    for line in report.lines():
+        click.echo(line)
+    click.echo(report.summary(), err=True)
+    ctx.exit(0 if report.ok else verify_mod.EXIT_VIOLATIONS)
 
 
 @cli.command()

@@ -354,7 +354,8 @@ class Ledger:
                 if kind == "full":
                     raise errors.StorageFull(
                         f"the ledger {self.path} cannot be written: its filesystem is full ({_short(exc)}). "
-                        f"Free space in {self.path.parent}, then start the workers again."
+                        f"Free space in {self.path.parent}, then start the workers again.",
+                        folder=self.path.parent, ledger=True,
                     ) from None
                 if kind == "corrupt":
                     raise errors.LedgerCorrupt(

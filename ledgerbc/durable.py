@@ -42,7 +42,7 @@ def probe_space(folder: Path, nbytes: int = PROBE_BYTES) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFull(
                 f"no space left on the filesystem of {folder} ({exc.strerror}). Free space (or raise the quota), "
-                "then start the workers again; nothing was failed."
+                "then start the workers again; nothing was failed.", folder=folder,
             ) from None
     finally:
         try:

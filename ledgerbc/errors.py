@@ -71,10 +71,15 @@ class SlurmError(LedgerError):
 
 class StorageFull(LedgerError):
     """OUTPUT_DIR or the ledger's filesystem is full (ENOSPC) or over quota (EDQUOT): nothing failed,
-    the batch was given back (DESIGN §4 Storage full)."""
+    the batch was given back (DESIGN §4 Storage full). `folder`: where space is missing; `ledger`: the
+    ledger itself cannot be written."""
 
     exit_code = 11
 
+    def __init__(self, message: str, folder=None, ledger: bool = False):
+        super().__init__(message)
+        self.folder = folder
+        self.ledger = ledger
 
 class NotFinished(LedgerError):
     """`finalize` without --partial while files are still pending, claimed or waiting."""

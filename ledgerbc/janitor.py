@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from . import claim, lease, models, split
+from . import claim, lease, models, published
 from .layout import Layout
 from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File
 
@@ -31,9 +31,12 @@ class JanitorReport:
     reclaimed: list[int] = field(default_factory=list)  # batch ids
     files_returned: int = 0
     files_found_published: int = 0
+    left: list[str] = field(default_factory=list)  # `recover --force`: running batches it did not take, and why
     cleaned: list[str] = field(default_factory=list)
     reconciled_pending: list[str] = field(default_factory=list)  # done in ledger, output missing
     reconciled_done: list[str] = field(default_factory=list)  # output on disk, ledger did not know
+    outputs_recorded: int = 0  # done files from an older ledger whose outputs rows were read from disk
+    summaries_written: int = 0  # of those (or of files marked done from disk): summaries written from outputs
 
     def lines(self) -> list[str]:
         out = [f"reclaimed batch {b}" for b in self.reclaimed]
@@ -41,9 +44,15 @@ class JanitorReport:
             out.append(f"{self.files_returned} files of reclaimed batches returned to pending (or failed)")
         if self.files_found_published:
             out.append(f"{self.files_found_published} files of reclaimed batches were already published: done")
+        out += self.left
         out += [f"removed {c}" for c in self.cleaned]
         out += [f"output missing, pending again: {r}" for r in self.reconciled_pending]
         out += [f"output found, marked done: {r}" for r in self.reconciled_done]
+        if self.outputs_recorded:
+            out.append(f"{self.outputs_recorded} done files had no outputs recorded (a ledger from before "
+                       "schema 0003): recorded from disk")
+        if self.summaries_written:
+            out.append(f"{self.summaries_written} summaries written from their outputs (published before summaries)")
         return out or ["nothing to do"]
 
 
@@ -89,6 +98,12 @@ class Janitor:
             return None
 
     def run_pass(self, one_shot: bool = False, force: bool = False) -> JanitorReport:
+        """Reclaim expired batches (all but the visibly alive ones with `force`), then clean up work folders.
+
+        `force` (`recover --force`, after a cluster-wide crash): every running batch whose lease was not
+        renewed within `fresh_window` is taken back WITHOUT counting an attempt (its files did nothing
+        wrong); a batch whose worker is visibly alive is left, and the report says so.
+        """
         report = JanitorReport()
         # Touch the ledger first, so a stall just ended shows up as a fresh contact window.
         running = self.ledger.transact(_running_batches)
@@ -97,18 +112,27 @@ class Janitor:
         trusted = one_shot or force or (
             self.ledger.contact_since is not None and now - self.ledger.contact_since >= self.window
         )
-        if trusted:
+        for b in running:
+            if force:
+                age = now - lease.last_beat(self.ledger.path, b.id, lease.owner(b.worker_id, b.token), b.heartbeat_at)
+                if age <= fresh_window(self.settings):
+                    report.left.append(f"left batch {b.id} of {b.worker_id} running: its lease was renewed {age:.0f}s "
+                                       "ago (the worker is alive)")
+                    continue
+                reclaim(self.ledger, self.settings, b.id, report, force=True)
             # The ledger's heartbeat first; only a batch silent there too has its lease file read.
-            expired = [
-                b.id for b in running
-                if force or (now - b.heartbeat_at > self.window
-                             and now - lease.last_beat(self.ledger.path, b.id, lease.owner(b.worker_id, b.token), b.heartbeat_at) > self.window)
-            ]
-            for batch_id in expired:
-                reclaim(self.ledger, self.settings, batch_id, report, force=force)
+            elif trusted and now - b.heartbeat_at > self.window and now - lease.last_beat(
+                    self.ledger.path, b.id, lease.owner(b.worker_id, b.token), b.heartbeat_at) > self.window:
+                reclaim(self.ledger, self.settings, b.id, report)
         cleanup(self.ledger, self.layout, report)
         lease.remove_stale(self.ledger.path, {b.id for b in running} - set(report.reclaimed))
         return report
+
+
+def fresh_window(settings) -> float:
+    """How recently a batch's lease must have been renewed for `recover --force` to leave it: a live worker
+    renews its lease file every heartbeat; two of them plus the clock skew allow for a slow one."""
+    return 2 * settings.heartbeat + settings.clock_skew
 
 
 def _running_batches(conn):
@@ -117,61 +141,87 @@ def _running_batches(conn):
 
 
 def reclaim(ledger, settings, batch_id: int, report: JanitorReport, force: bool = False, reason: str | None = None):
-    """Take an expired batch back: files already published are done, the others pending with attempts+1."""
+    """Take an expired batch back: files already published are done, the others pending with attempts+1
+    (`force`: no attempt counted; `reason`: taken back whatever its heartbeat says).
+
+    Three steps, so that nothing slow runs under the lock: a read of the batch's files; outside the lock,
+    the outputs of those already published (their owner renamed them into place and died before its
+    commit) are read and the leftovers of the others listed; then one transaction guarded by the batch's
+    state, token and heartbeat applies it. A publication that landed in between makes it give up; the
+    next pass starts again.
+    """
     layout = Layout(Path(settings.output_dir))
     window = settings.lease + settings.clock_skew
+    seen = ledger.transact(_batch_and_files, batch_id)
+    if seen is None:
+        return  # over already
+    row, files = seen
+    found, leftovers = {}, {}
+    barcodes = layout.barcode_dirs() if published.barcoded(settings) else ()
+    for f in files:
+        got = published.read(layout, settings, f.rel_path, barcodes)
+        if got is not None:
+            found[f.id] = got
+        else:
+            leftovers[f.id] = [path for _k, _b, path in published.existing(layout, settings, f.rel_path, barcodes)]
 
     def txn(conn):
         now = ledger.clock()
-        row = conn.execute(sa.select(Batch.worker_id, Batch.heartbeat_at, Batch.state, Batch.token)
-                           .where(Batch.id == batch_id)).first()
-        # Re-check inside the transaction: the worker may have heartbeaten since we looked (ledger or lease file).
-        if row is None or row.state != RUNNING:
+        current = conn.execute(sa.select(Batch.worker_id, Batch.heartbeat_at, Batch.state, Batch.token)
+                               .where(Batch.id == batch_id)).first()
+        # Re-check inside the transaction: the worker may have heartbeaten since we looked (ledger or lease
+        # file), or finished; a batch given the same id after a rebuild has another token.
+        if current is None or current.state != RUNNING or current.token != row.token:
             return None
-        beat = lease.last_beat(ledger.path, batch_id, lease.owner(row.worker_id, row.token), row.heartbeat_at)
-        if not force and reason is None and now - beat <= window:
+        beat = lease.last_beat(ledger.path, batch_id, lease.owner(current.worker_id, current.token), current.heartbeat_at)
+        if force:
+            if now - beat <= fresh_window(settings):
+                return None
+        elif reason is None and now - beat <= window:
             return None
-        files = conn.execute(
-            sa.select(Pod5File.id, Pod5File.rel_path).where(Pod5File.batch_id == batch_id, Pod5File.state == CLAIMED)
-        ).all()
-        published, others = [], []
-        for f in files:
-            # Its owner renamed outputs into place and died before the commit: the output is complete.
-            (published if layout.pass_path(f.rel_path, settings.emit).exists() else others).append(f)
-        for f in published:
-            _mark_done_from_disk(conn, layout, settings.emit, f.id, f.rel_path, now)
+        held = {r.id: r.rel_path for r in conn.execute(_CLAIMED_BY.where(Pod5File.batch_id == batch_id))}
+        if set(held) != {f.id for f in files} or any(
+                published.is_published(layout, settings, held[i]) for i in held if i not in found):
+            return "again"  # files changed meanwhile (a publication cut short, a rebuild): next pass
+        for file_id, got in found.items():
+            published.mark_done(conn, file_id, got, now, CLAIMED, batch_id)
         # Outputs its owner renamed before it died (a publication cut short) of files that are not done: gone
         # with the batch, under the lock, before anyone can claim and publish the file again.
-        barcodes = layout.barcode_dirs() if others else ()
-        for f in others:
-            for partial in layout.outputs_of(f.rel_path, settings.emit, barcodes):
-                partial.unlink(missing_ok=True)
-        why = RECLAIMED + (reason or f"lease expired: worker {row.worker_id} silent for {now - beat:.0f}s")
-        claim.return_files(conn, batch_id, [f.id for f in others], why, True, settings.max_attempts, isolate=False)
+        for paths in leftovers.values():
+            for path in paths:
+                path.unlink(missing_ok=True)
+        if force:
+            why = RECLAIMED + "recover --force (no attempt counted)"
+        else:
+            why = RECLAIMED + (reason or f"lease expired: worker {current.worker_id} silent for {now - beat:.0f}s")
+        claim.return_files(conn, batch_id, list(leftovers), why, not force, settings.max_attempts, isolate=False)
         conn.execute(
             sa.update(Batch).where(Batch.id == batch_id).values(state=models.RECLAIMED, finished_at=now, error=why)
         )
-        claim.event(conn, now, "batch-reclaimed", row.worker_id, batch_id, why)
-        return len(others), len(published)
+        claim.event(conn, now, "batch-reclaimed", current.worker_id, batch_id, why)
+        return len(leftovers), len(found)
 
     outcome = ledger.transact(txn)
-    if outcome is None:
-        return  # still running and alive, or already over
+    if outcome is None or outcome == "again":
+        return  # still running and alive, or already over, or changed under us
     lease.remove(ledger.path, batch_id)
-    returned, published = outcome
-    if returned or published:
+    returned, done = outcome
+    report.summaries_written += sum(1 for got in found.values() if got.regenerated)
+    if returned or done:
         report.reclaimed.append(batch_id)
         report.files_returned += returned
-        report.files_found_published += published
-        log.warning("reclaimed batch %s (%d files back, %d already published)", batch_id, returned, published)
+        report.files_found_published += done
+        log.warning("reclaimed batch %s (%d files back, %d already published)", batch_id, returned, done)
 
 
-def _mark_done_from_disk(conn, layout, emit, file_id, rel, now):
-    passed, failed = split.count_published(layout.pass_path(rel, emit), layout.fail_path(rel, emit))
-    conn.execute(
-        sa.update(Pod5File).where(Pod5File.id == file_id)
-        .values(state=DONE, reads_pass=passed, reads_fail=failed, done_at=now, last_error=None)
-    )
+_CLAIMED_BY = sa.select(Pod5File.id, Pod5File.rel_path).where(Pod5File.state == CLAIMED)
+
+
+def _batch_and_files(conn, batch_id):
+    row = conn.execute(sa.select(Batch.worker_id, Batch.state, Batch.token).where(Batch.id == batch_id)).first()
+    if row is None or row.state != RUNNING:
+        return None
+    return row, conn.execute(_CLAIMED_BY.where(Pod5File.batch_id == batch_id)).all()
 
 
 def reclaim_own_stale(ledger, settings, worker_id: str) -> list[int]:
@@ -217,37 +267,71 @@ def nothing_left(ledger) -> bool:
 
 
 def reconcile(ledger, settings, report: JanitorReport) -> None:
-    """Make the ledger agree with pass/: done without output -> pending; output the ledger missed -> done."""
+    """Make the ledger agree with the published outputs (their done markers, published.py):
+
+    - done in the ledger, done marker gone: pending again (its leftover outputs removed);
+    - done marker present, ledger does not know (pending, failed, or claimed by a batch that is over):
+      done, with its `outputs` rows;
+    - done, but no `outputs` rows (a ledger from before schema 0003): the rows are read from disk.
+
+    One read transaction, then the files are looked at outside the lock, then one short transaction
+    applies each change guarded by the state and batch the file was seen in: a file claimed meanwhile
+    is never marked done, a file published meanwhile never made pending.
+    """
     layout = Layout(Path(settings.output_dir))
-    rows = ledger.transact(
-        lambda conn: conn.execute(
-            sa.select(Pod5File.id, Pod5File.rel_path, Pod5File.state, Pod5File.batch_id)
-        ).all()
-    )
-    running = {b.id for b in ledger.transact(_running_batches)}
-    lost, found = [], []
+    rows, running, recorded = ledger.transact(_reconcile_view)
+    barcodes = layout.barcode_dirs() if published.barcoded(settings) else ()
+    lost, found, backfill = [], [], []
     for r in rows:
-        exists = layout.pass_path(r.rel_path, settings.emit).exists()
-        if r.state == DONE and not exists:
-            lost.append(r)
-        elif exists and (r.state == PENDING or r.state == models.FAILED or (r.state == CLAIMED and r.batch_id not in running)):
-            found.append(r)
+        if r.state not in (DONE, PENDING, models.FAILED, CLAIMED):
+            continue  # waiting, duplicate, gone: never basecalled here
+        if r.state == CLAIMED and r.batch_id in running:
+            continue  # its batch's own publication or reclaim decides
+        marked = published.is_published(layout, settings, r.rel_path)
+        if r.state == DONE and not marked:
+            lost.append((r, [p for _k, _b, p in published.existing(layout, settings, r.rel_path, barcodes)]))
+        elif marked and (r.state != DONE or r.id not in recorded):
+            got = published.read(layout, settings, r.rel_path, barcodes)
+            if got is not None:
+                (found if r.state != DONE else backfill).append((r, got))
 
     def txn(conn):
         now = ledger.clock()
-        for r in lost:
-            conn.execute(
-                sa.update(Pod5File).where(Pod5File.id == r.id, Pod5File.state == DONE)
-                .values(state=PENDING, batch_id=None, reads_pass=None, reads_fail=None, bases=None, done_at=None)
-            )
-        for r in found:
-            _mark_done_from_disk(conn, layout, settings.emit, r.id, r.rel_path, now)
-        if lost or found:
-            claim.event(conn, now, "reconcile", message=f"{len(lost)} lost outputs, {len(found)} found outputs")
+        out = [], [], []
+        for r, leftovers in lost:
+            if published.mark_pending(conn, r.id, r.batch_id, leftovers):
+                out[0].append(r)
+        over = {b for b, state in conn.execute(sa.select(Batch.id, Batch.state)
+                                               .where(Batch.id.in_({r.batch_id for r, _g in found if r.batch_id})))
+                if state != RUNNING}
+        for r, got in found:
+            if r.state == CLAIMED and r.batch_id not in over:
+                continue  # its batch was adopted again (a rebuild) meanwhile
+            if published.mark_done(conn, r.id, got, now, r.state, r.batch_id):
+                out[1].append((r, got))
+        for r, got in backfill:
+            if published.mark_done(conn, r.id, got, now, DONE, r.batch_id):
+                out[2].append((r, got))
+        if out[0] or out[1]:
+            claim.event(conn, now, "reconcile", message=f"{len(out[0])} lost outputs, {len(out[1])} found outputs")
+        if out[2]:
+            claim.event(conn, now, "reconcile", message=f"{len(out[2])} done files: outputs recorded from disk")
+        return out
 
-    ledger.transact(txn)
-    report.reconciled_pending += [r.rel_path for r in lost]
-    report.reconciled_done += [r.rel_path for r in found]
+    if not (lost or found or backfill):
+        return
+    pending, done, recorded_now = ledger.transact(txn)
+    report.reconciled_pending += [r.rel_path for r in pending]
+    report.reconciled_done += [r.rel_path for r, _g in done]
+    report.outputs_recorded += len(recorded_now)
+    report.summaries_written += sum(1 for _r, got in done + recorded_now if got.regenerated)
+
+
+def _reconcile_view(conn):
+    rows = conn.execute(sa.select(Pod5File.id, Pod5File.rel_path, Pod5File.state, Pod5File.batch_id)).all()
+    running = set(conn.execute(sa.select(Batch.id).where(Batch.state == RUNNING)).scalars())
+    recorded = set(conn.execute(sa.select(models.Output.file_id).distinct()).scalars())
+    return rows, running, recorded
 
 
 def recover(ledger, force: bool = False) -> JanitorReport:

@@ -123,6 +123,10 @@ class Heartbeat:
         if not self._lease_beat():
             self._ledger_beat()
 
+    def renew_lease(self) -> None:
+        """Write the lease file now (best effort): the batch shows a sign of life before its first heartbeat."""
+        self._lease_beat()
+
     def _lease_beat(self) -> bool:
         try:
             write(self.ledger.path, self.batch_id, self.holder, self.ledger.clock())

@@ -149,9 +149,8 @@ class Worker:
             log.error("giving up: %s", exc)
             code = EXIT_LEDGER_LOST
         except StorageFull as exc:
-            log.error("%s", exc)
+            log.error("%s", exc)  # the one line saying which folder is full (no traceback, no second line)
             code = EXIT_STORAGE_FULL
-            raise
         finally:
             self._leave(pending, code)
         if self.stop.requested and code == EXIT_OK:

@@ -4,6 +4,14 @@ A scan walks INPUT_DIR, looks only at what it does not know yet (or what is stil
 each file as pending (complete), duplicate (same pod5 `file_identifier` as a known file), failed
 (unreadable, or incomplete outside follow mode) or waiting (follow mode: not complete or not settled).
 Inspection (file I/O) happens outside the ledger lock; recording happens in short transactions.
+
+Copies and moves (DESIGN §4 Copies): the original of a `file_identifier` keeps its place through every
+rescan; a copy found later is its duplicate. An original (pending or failed, never basecalled) whose path
+is gone at the next scan is marked `gone`, and a copy still on disk becomes the original in its place
+(`mv incoming/x.pod5 final/x.pod5`: the new path is basecalled). Without a copy it is `gone` all the same:
+its path cannot be basecalled, and status lists it; if it comes back, the next scan admits it again. A
+done file whose path vanished stays done: its reads are published. A claimed one is left to its batch
+(which fails it: the pod5 cannot be read), then handled at the next scan.
 """
 
 import multiprocessing
@@ -18,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import modelplan, models, pod5check
-from .models import DUPLICATE, FAILED, PENDING, WAITING, Pod5File
+from .models import CLAIMED, DONE, DUPLICATE, FAILED, GONE, PENDING, WAITING, Pod5File
 
 CHUNK = 500  # rows per transaction: keeps each hold of the global lock short
 PARALLEL_MIN_FILES = 2000  # files to inspect before a process pool pays for its start (~1 s)
@@ -50,13 +58,18 @@ class ScanReport:
     failed: int = 0
     waiting: int = 0
     unchanged: int = 0
+    gone: int = 0  # originals whose path vanished before they were basecalled
+    promoted: int = 0  # copies that became the original of a gone file
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.seen} pod5 files seen: {self.added} new pending, {self.duplicates} duplicates, "
             f"{self.failed} failed, {self.waiting} waiting to complete, {self.unchanged} already known"
         )
+        if self.gone:
+            text += f"; {self.gone} gone from INPUT_DIR before they were basecalled ({self.promoted} replaced by a copy)"
+        return text
 
 
 @dataclass
@@ -195,7 +208,7 @@ class Scanner:
             t = Pod5File
             return conn.execute(
                 sa.select(t.id, t.rel_path, t.size, t.mtime_ns, t.state, t.batch_id, t.stable_since, t.chemistry)
-                .where(t.state.in_((WAITING, FAILED)))
+                .where(t.state.in_((WAITING, FAILED, GONE)))
             ).all()
 
         rows = self.ledger.transact(load, self._max_id)
@@ -203,7 +216,7 @@ class Scanner:
             unsettled = self.ledger.transact(load_unsettled)
             still = {r.id for r in unsettled}
             for k in self._known.values():
-                if k.state in (WAITING, FAILED) and k.id not in still:
+                if k.state in (WAITING, FAILED, GONE) and k.id not in still:
                     k.state = PENDING  # settled meanwhile (by another scanner, or retried): not ours to look at
             rows += unsettled
         for r in rows:
@@ -213,8 +226,8 @@ class Scanner:
 
     def _needs_look(self, rel: str, st) -> bool:
         known = self._known.get(rel)
-        if known is None or known.state == WAITING:
-            return True
+        if known is None or known.state in (WAITING, GONE):
+            return True  # (gone: it is back)
         if known.state == PENDING and known.chemistry is None:
             return True  # admitted by a ledgerbc that did not read run info (schema < 0003): read it now
         changed = (known.size, known.mtime_ns) != (st.st_size, st.st_mtime_ns)
@@ -227,13 +240,16 @@ class Scanner:
         self._refresh_known()
         settings = self.settings
         output = Path(settings.output_dir).resolve()
-        todo = []
+        todo, seen = [], set()
         for rel, path, st, busy in walk(Path(settings.input_dir), exclude=output, warnings=report.warnings):
             report.seen += 1
+            seen.add(rel)
             if self._needs_look(rel, st):
                 todo.append((rel, path, st, busy))
             else:
                 report.unchanged += 1
+        # Before new files are recorded: a moved original's new path must find it gone, not still there.
+        self._record_vanished(seen, report)
         observations = []
         refusals: dict = {}  # per chemistry key
         for n, obs in enumerate(_observe_all(todo), 1):
@@ -248,6 +264,74 @@ class Scanner:
         record(self.ledger, observations, self.follow, settings.settle, self.clock(), report, self._known,
                over=self.acquisition_over)
         return report
+
+
+    def _record_vanished(self, seen: set, report: ScanReport) -> None:
+        """Originals (pending or failed) whose path was not seen: gone, a copy on disk taking their place."""
+        candidates = [rel for rel, k in self._known.items()
+                      if rel not in seen and k.state in (PENDING, FAILED)]
+        if not candidates:
+            return
+        if report.warnings:
+            report.warnings.append(f"{len(candidates)} known files were not seen, but part of INPUT_DIR could not be "
+                                   "read: none is marked gone")
+            return
+        if not seen:
+            report.warnings.append(f"INPUT_DIR {self.settings.input_dir} looks empty (not mounted?): "
+                                   f"{len(candidates)} known files not marked gone")
+            return
+        root = Path(self.settings.input_dir)
+        candidates = [rel for rel in candidates if not os.path.lexists(root / rel)]  # the walk is not the last word
+        for start in range(0, len(candidates), CHUNK):
+            chunk = candidates[start : start + CHUNK]
+            states, gone, promoted = self.ledger.transact(_record_gone, chunk, seen, self.clock())
+            for rel, state in states.items():
+                if rel in self._known:
+                    self._known[rel].state = state
+            report.gone += gone
+            report.promoted += promoted
+
+
+def _record_gone(conn, rels, seen: set, now: float):
+    """Mark the originals among `rels` (vanished paths) gone, guarded by the state they are in (pending, or
+    failed: never claimed or done). A copy of one still on disk becomes the original (first in sorted order)
+    and the other copies point at it. Returns ({rel: state now}, gone, promoted)."""
+    t = Pod5File
+    rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.file_identifier).where(t.rel_path.in_(rels))).all()
+    states = {r.rel_path: r.state for r in rows}
+    gone = promoted = 0
+    events = []
+    for r in rows:
+        if r.state not in (PENDING, FAILED):
+            continue  # claimed (its batch fails it), done (its reads are published), already gone
+        copies = []
+        if r.file_identifier is not None:
+            copies = sorted(
+                (c for c in conn.execute(sa.select(t.id, t.rel_path).where(
+                    t.file_identifier == r.file_identifier, t.state == DUPLICATE, t.id != r.id)).all()
+                 if c.rel_path in seen),
+                key=lambda c: c.rel_path)
+        heir = copies[0] if copies else None
+        why = "vanished from INPUT_DIR before it was basecalled" + (
+            f": its copy {heir.rel_path} is the original now" if heir else " (no copy of it is left)")
+        moved = conn.execute(
+            sa.update(t).where(t.id == r.id, t.state == r.state, t.state.not_in((CLAIMED, DONE)))
+            .values(state=GONE, duplicate_of=heir.id if heir else None, batch_id=None, last_error=why)
+        ).rowcount
+        if not moved:
+            continue
+        states[r.rel_path] = GONE
+        gone += 1
+        events.append({"ts": now, "kind": "file-gone", "file_id": r.id, "message": f"{r.rel_path}: {why}"})
+        if heir is not None:
+            conn.execute(sa.update(t).where(t.id == heir.id, t.state == DUPLICATE)
+                         .values(state=PENDING, duplicate_of=None, attempts=0, last_error=None))
+            conn.execute(sa.update(t).where(t.state == DUPLICATE, t.file_identifier == r.file_identifier,
+                                            t.id != heir.id).values(duplicate_of=heir.id))
+            promoted += 1
+    if events:
+        conn.execute(sa.insert(models.Event), events[:100])
+    return states, gone, promoted
 
 
 def record(ledger, observations, follow: bool, settle: float, now: float, report: ScanReport, known: dict,
@@ -295,7 +379,7 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
         originals = dict(
             conn.execute(
                 sa.select(t.file_identifier, t.id).where(
-                    t.file_identifier.in_(identifiers), t.state != DUPLICATE
+                    t.file_identifier.in_(identifiers), t.state.not_in((DUPLICATE, GONE))
                 )
             ).all()
         )
@@ -310,7 +394,7 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
         values = dict(
             size=obs.size, mtime_ns=obs.mtime_ns, state=state, last_error=error, stable_since=stable_since,
             read_count=obs.info.read_count if obs.info else None,
-            file_identifier=obs.info.file_identifier if obs.info else None,
+            file_identifier=obs.info.file_identifier if obs.info else None, duplicate_of=None,
             **run_info_values(obs.info),
         )
         prior_id = prior.id if prior else None
@@ -324,9 +408,9 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
                 continue  # another scanner recorded it first
             row_id = result.inserted_primary_key[0]
         else:
-            # Only rows still waiting or failed-at-admission are ours to change (guarded transition).
+            # Only rows still waiting, failed at admission or gone (and back) are ours to change (guarded).
             result = conn.execute(
-                sa.update(t).where(t.id == prior_id, t.state.in_((WAITING, FAILED)), t.batch_id.is_(None))
+                sa.update(t).where(t.id == prior_id, t.state.in_((WAITING, FAILED, GONE)), t.batch_id.is_(None))
                 .values(**values)
             )
             if result.rowcount == 0:

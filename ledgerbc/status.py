@@ -151,6 +151,14 @@ def collect(conn, now: float, settings) -> dict:
             .where(t.state == models.DUPLICATE).order_by(t.id).limit(LIST_LIMIT)
         )
     ]
+    heir = sa.orm.aliased(Pod5File)
+    gone = [
+        {"path": r[0], "replaced_by": r[1]}
+        for r in conn.execute(
+            sa.select(t.rel_path, heir.rel_path).outerjoin(heir, heir.id == t.duplicate_of)
+            .where(t.state == models.GONE).order_by(t.id).limit(LIST_LIMIT)
+        )
+    ]
     return {
         "schema": SCHEMA,
         "ledger_time": now,
@@ -177,6 +185,7 @@ def collect(conn, now: float, settings) -> dict:
         "duplicates": duplicates,
         "chemistries": chemistry_section(per_chemistry, settings),
         "dorado": dorado_section(conn, settings),
+        "gone": gone,
         "follow": follow.status_section(conn, now, counts),
     }
 
@@ -361,6 +370,11 @@ def render(data: dict) -> str:
         lines.append(f"duplicates ({f['duplicate']}), basecalled once under their first path:")
         for x in data["duplicates"]:
             lines.append(f"  {x['path']}  = {x['same_as']}")
+    if data.get("gone"):
+        lines.append(f"gone from INPUT_DIR before they were basecalled ({f['gone']}):")
+        for x in data["gone"]:
+            lines.append(f"  {x['path']}  " + (f"-> basecalled as its copy {x['replaced_by']}" if x["replaced_by"]
+                                                else "(no copy left: its reads will not be basecalled)"))
     return "\n".join(lines)
 
 

@@ -195,22 +195,47 @@ def test_recover_judges_by_heartbeat_age_alone(clocked_study):
     assert {f.state for f in files(fresh).values()} == {models.PENDING}
 
 
-def test_recover_force_reclaims_batches_that_have_not_expired(clocked_study):
+def test_recover_force_reclaims_silent_batches_before_they_expire_without_counting_an_attempt(clocked_study):
     wl = ledger_with_offset(clocked_study)
-    batch = start_worker(wl, "w-alive", clocked_study.settings)
+    batch = start_worker(wl, "w-crashed", clocked_study.settings)
     clocked_study.clock.advance(1.0)
+    assert janitor.recover(ledger_with_offset(clocked_study)).reclaimed == []
+    # Silent for longer than two heartbeats + skew (a live worker renews its lease every heartbeat), but
+    # not for lease + skew: only --force takes it, and its files did nothing wrong: no attempt counted.
+    clocked_study.clock.advance(janitor.fresh_window(clocked_study.settings))
+    assert clocked_study.clock() - T0 < WINDOW
     assert janitor.recover(ledger_with_offset(clocked_study)).reclaimed == []
     report = janitor.recover(ledger_with_offset(clocked_study), force=True)
     assert report.reclaimed == [batch.batch_id]
     mine = [f for rel, f in files(wl).items() if rel in {f.rel for f in batch.files}]
-    assert [(f.state, f.attempts) for f in mine] == [(models.PENDING, 1)] * 3
+    assert [(f.state, f.attempts) for f in mine] == [(models.PENDING, 0)] * 3
     with pytest.raises(claim.NotOwner):
         claim.heartbeat(wl, batch)
 
 
-def test_recover_cli_reclaims_only_with_force_when_the_lease_is_fresh(clocked_study):
-    batch = start_worker(Ledger(clocked_study.path), "w-alive", clocked_study.settings)  # real clock: heartbeat is fresh
+def test_recover_force_never_takes_a_batch_whose_lease_is_being_renewed(clocked_study):
+    """`recover --force` during a live run must not fail good files: a worker renewing its lease keeps its
+    batch, and the report says which batch was left and why."""
+    from ledgerbc import lease
+
+    wl = ledger_with_offset(clocked_study)
+    batch = start_worker(wl, "w-alive", clocked_study.settings)
+    for _ in range(int(3 * WINDOW / HEARTBEAT)):  # the ledger's heartbeat stays old; the lease file is fresh
+        clocked_study.clock.advance(HEARTBEAT)
+        lease.write(clocked_study.path, batch.batch_id, lease.owner("w-alive", batch.token), clocked_study.clock())
+        report = janitor.recover(ledger_with_offset(clocked_study), force=True)
+        assert report.reclaimed == []
+        assert report.lines() == [f"left batch {batch.batch_id} of w-alive running: its lease was renewed 0s ago "
+                                  "(the worker is alive)"]
+    assert batch_state(wl, batch.batch_id) == models.RUNNING
+    claim.heartbeat(wl, batch)
+
+
+def test_recover_cli_reclaims_only_with_force_when_the_lease_is_not_renewed(clocked_study):
+    batch = start_worker(Ledger(clocked_study.path, clock=lambda: T0), "w-gone", clocked_study.settings)
     runner = CliRunner()
+    fresh = Ledger(clocked_study.path)  # real clock: the batch's heartbeat (T0) is decades old for recover
+    fresh.transact(lambda c: c.execute(sa.update(Batch).values(heartbeat_at=fresh.clock() - janitor.fresh_window(clocked_study.settings) - 5)))
     result = runner.invoke(cli, ["recover", "--ledger", str(clocked_study.path)])
     assert result.exit_code == 0, result.output
     assert "reclaimed" not in result.output
