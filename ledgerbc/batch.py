@@ -334,7 +334,7 @@ class BatchRun:
         fate = (f"batch {b} given back" if given_back
                 else f"batch {b} will be redone once its lease expires")
         if exc.ledger:
-            return StorageFull(f"{exc} ({fate}; nothing failed)", folder=exc.folder, ledger=True)
+            return StorageFull(f"{exc} {fate[0].upper()}{fate[1:]}; nothing failed.", folder=exc.folder, ledger=True)
         folder = self._full_folder(exc.folder)
         return StorageFull(
             f"no space left on the filesystem of {folder} ({fate}; nothing failed). Free space (or raise the "

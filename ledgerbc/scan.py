@@ -419,6 +419,9 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
         state = values["state"]
         if state == PENDING and values["file_identifier"]:
             originals[values["file_identifier"]] = row_id
+            # A moved original: its old path, found gone with no copy, now has this one in its place.
+            conn.execute(sa.update(t).where(t.file_identifier == values["file_identifier"], t.state == GONE,
+                                            t.duplicate_of.is_(None), t.id != row_id).values(duplicate_of=row_id))
         key = {PENDING: "added", DUPLICATE: "duplicates", FAILED: "failed", WAITING: "waiting"}[state]
         counts[key] += 1
         known[obs.rel] = _Known(row_id, obs.size, obs.mtime_ns, state, None, stable_since, values.get("chemistry"))

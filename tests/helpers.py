@@ -196,15 +196,23 @@ class Study:
                 pass
 
 
-def make_study(tmp_path: Path, n_files: int, batch_files: int, lease: str = "20s", prepare=None, **sim) -> Study:
+def make_study(tmp_path: Path, n_files: int, batch_files: int, lease: str = "20s", prepare=None, init_args=(),
+               output: Path | None = None, ledger: Path | None = None, **sim) -> Study:
     """A Study with `n_files` small pod5 files (hostile names), `prepare(INPUT_DIR)` for more, and its ledger
-    made (`init`, heartbeat 1 s); `sim` are the stand-in dorado's knobs (LEDGERBC_SIM_<KNOB>) for every process."""
+    made (`init`, heartbeat 1 s, more `init_args`; OUTPUT_DIR `output` and the ledger at `ledger` when given);
+    `sim` are the stand-in dorado's knobs (LEDGERBC_SIM_<KNOB>) for every process."""
     study = Study(tmp_path, **sim)
+    if output is not None:
+        study.output = output
+        study.ledger_path = output / "ledgerbc.db"
+    if ledger is not None:
+        study.ledger_path = ledger
     make_dataset(study.input, n_files, seed=n_files, hostile_names=True, size_spread=False)
     if prepare is not None:  # more input files, written before init scans
         prepare(study.input)
     study.cli("init", study.input, study.output, "--batch-files", batch_files, "--lease", lease,
-              "--heartbeat", "1s", "--clock-skew", "1s", check=True)
+              "--heartbeat", "1s", "--clock-skew", "1s", *init_args, *(["--ledger", ledger] if ledger else []),
+              check=True)
     return study
 
 
@@ -418,7 +426,8 @@ def check_outputs(study: Study, emit: str = "fastq", min_qscore: float = 0.0) ->
     - a done input has its pass/ file (and a fail/ file only if it has failing reads); nothing else has any;
     - each output holds only reads of its own pod5, all of them (by read id or pi:Z parent), each record
       once, split by qscore, counted in the ledger as on disk;
-    - across all outputs every read id of every pod5 appears in exactly one output, a duplicate's via its twin.
+    - across all outputs every read id of every pod5 appears in exactly one output, a duplicate's via its twin;
+    - `verify --deep` finds no violation.
     """
     rows = files_by_rel(study.ledger)
     done = {rel for rel, r in rows.items() if r.state == models.DONE}
@@ -457,6 +466,7 @@ def check_outputs(study: Study, emit: str = "fastq", min_qscore: float = 0.0) ->
                 continue
             for read_id in pod5_read_ids(study.input / rel):
                 assert owner.get(read_id) == twin.rel_path, f"{rel}: read {read_id} not published via its twin"
+    assert_verified(study.ledger_path)
     return outputs
 
 
@@ -499,8 +509,19 @@ def published_reads(output_dir) -> dict[str, list[tuple[str, str | None]]]:
     return out
 
 
+def assert_verified(ledger_path, deep: bool = True):
+    """`ledgerbc verify --deep` (its library call) finds no violation: the ledger and the outputs on disk
+    keep every invariant, whatever the test did to get there. Returns the report."""
+    from ledgerbc.verify import verify
+
+    report = verify(Ledger(ledger_path), deep=deep)
+    assert report.ok, f"verify{' --deep' if deep else ''} found violations:\n" + "\n".join(report.lines()[:30])
+    return report
+
+
 def check_exactly_once(expected: dict[str, list[str]], output_dir) -> dict:
-    """Assert every read of every input appears exactly once in the outputs, in its own file's output.
+    """Assert every read of every input appears exactly once in the outputs, in its own file's output,
+    and that `verify --deep` holds on the study's ledger (OUTPUT_DIR/ledgerbc.db, when there is one).
 
     A read the stand-in dorado split shows up as two records with new ids and `pi:Z:<read id>`; the
     read counts as present once when each child id is unique and the parent is covered by no other
@@ -527,4 +548,6 @@ def check_exactly_once(expected: dict[str, list[str]], output_dir) -> dict:
         assert not both, f"{rel}: reads published both whole and split: {sorted(both)[:3]}"
         assert all(n == 2 for n in children.values()), f"{rel}: a split read has other than 2 pieces: {children}"
         split += len(children)
+    if (Path(output_dir) / "ledgerbc.db").exists():
+        assert_verified(Path(output_dir) / "ledgerbc.db")
     return {"files": len(expected), "reads": sum(len(v) for v in expected.values()), "split_reads": split}

@@ -1,0 +1,383 @@
+"""The scenarios of issue 11 that broke "every read exactly once", each through the CLI where a user meets
+it (DESIGN §4: Identity, Publish, Rebuild, Copies): a rebuild renumbering rows under a live worker, a rebuild
+re-electing the original of two copies, a rebuild given another INPUT_DIR, a publication failing midway,
+an original moved before it was basecalled, a file linked from two ASSIGNED folders, `recover` racing a
+claim, `recover --force` during a run, renames made durable in order, fencing tokens after a rebuild.
+Every finished run ends with `verify --deep` (check_exactly_once does it).
+"""
+import errno
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from ledgerbc import claim, janitor, models
+from ledgerbc.db import Ledger
+from ledgerbc.models import Batch
+from ledgerbc.testkit.synth import write_pod5
+from recovery_helpers import Study, assert_verified, check_exactly_once, children_of, kill_leftovers, pod5_reads
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes(tmp_path):
+    yield
+    kill_leftovers(str(tmp_path))
+
+
+def running(ledger_path) -> dict[int, list[str]]:
+    """{running batch id: its claimed files}."""
+    def txn(conn):
+        out = {b: [] for b in conn.execute(sa.select(Batch.id).where(Batch.state == models.RUNNING)).scalars()}
+        for rel, b in conn.execute(sa.select(models.Pod5File.rel_path, models.Pod5File.batch_id)
+                                   .where(models.Pod5File.state == models.CLAIMED)):
+            out.setdefault(b, []).append(rel)
+        return out
+    return Ledger(ledger_path).transact(txn)
+
+
+def wait_mid_batch(study, worker, worker_id):
+    deadline = time.monotonic() + 60
+    while not (assigned := list((study.output / "work").glob(f"ASSIGNED_*_{worker_id}"))) or not children_of(worker.pid):
+        assert time.monotonic() < deadline and worker.poll() is None, study.log_of(worker_id)
+        time.sleep(0.1)
+    return assigned[0]
+
+
+# -- 1. a rebuild renumbers the rows under a live worker ------------------------------------------------------
+@pytest.mark.slow
+def test_a_worker_mid_batch_across_a_rebuild_that_renumbers_rows_publishes_exactly_its_own_files(tmp_path):
+    """Files arrive after init in an order other than sorted order; the rebuild rescans in sorted order and
+    gives every file another row id. The live worker must still mark exactly its own files done: not the
+    files that took its old row ids (without outputs), and not a file dorado failed on."""
+    def first(root):
+        for i in (1, 2, 3):
+            write_pod5(root / "b" / f"run_{i}.pod5", 4, seed=i)
+
+    study = Study(tmp_path, 0, 3, lease="30s", prepare=first, delay=4, fail_match="run_2")
+    for i in (10, 2, 3):  # later, and sorted before b/: after the rebuild they hold the low row ids
+        write_pod5(study.input / "a" / f"late_{i}.pod5", 4, seed=10 + i)
+    assert study.cli("scan").returncode == 0
+    worker = study.start_worker("alive")
+    folder = wait_mid_batch(study, worker, "alive")
+    batch_id = int(folder.name.split("_")[1])
+    assert sorted(json.loads((folder / ".batch.json").read_text())["files"][i]["rel"] for i in range(3)) == [
+        "b/run_1.pod5", "b/run_2.pod5", "b/run_3.pod5"]
+
+    study.ledger.unlink()  # lost mid-batch, rebuilt from the files on disk
+    rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert f"batch {batch_id} of alive: 3 files assigned, running again" in rebuilt.stdout
+    ids = {r.rel_path: r.id for r in Ledger(study.ledger).transact(lambda c: c.execute(sa.select(models.Pod5File)).all())}
+    assert ids["a/late_10.pod5"] < ids["b/run_1.pod5"], "the rebuild did not renumber: the test proves nothing"
+
+    assert worker.wait(timeout=180) == 0, study.log_of("alive")
+    log = study.log_of("alive")
+    assert f"batch {batch_id}: done" in log and "Traceback" not in log, log
+    state = study.files()
+    assert state["b/run_2.pod5"][0] == models.FAILED, "the file dorado failed on was not failed"
+    assert {rel: s for rel, (s, _b) in state.items() if rel != "b/run_2.pod5"} == {
+        rel: models.DONE for rel in state if rel != "b/run_2.pod5"}
+    assert state["b/run_1.pod5"][1] == state["b/run_3.pod5"][1] == batch_id
+    assert all(state[f"a/late_{i}.pod5"][1] != batch_id for i in (10, 2, 3))
+    expected = pod5_reads(study.input)
+    del expected["b/run_2.pod5"]
+    check_exactly_once(expected, study.output)
+
+
+# -- 2. a rebuild re-elects the original of two copies --------------------------------------------------------
+def test_a_rebuild_keeps_the_published_copy_the_original(tmp_path):
+    study = Study(tmp_path, 0, 2, prepare=lambda root: [write_pod5(root / "b" / f"x{i}.pod5", 5, seed=i) for i in (1, 2)])
+    assert study.cli("run", "--worker-id", "first").returncode == 0
+    (study.input / "a").mkdir()
+    shutil.copy(study.input / "b" / "x1.pod5", study.input / "a" / "x1.pod5")  # a copy arrives, sorted first
+    scan = study.cli("scan")
+    assert "1 duplicates" in scan.stdout, scan.stdout
+    published = study.outputs()
+
+    study.ledger.unlink()
+    rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "3 pod5 files found, 2 already published" in rebuilt.stdout
+    state = study.files()
+    assert (state["a/x1.pod5"][0], state["b/x1.pod5"][0]) == (models.DUPLICATE, models.DONE)
+    assert study.status()["duplicates"] == [{"path": "a/x1.pod5", "same_as": "b/x1.pod5"}]
+    assert study.cli("run", "--worker-id", "again").returncode == 0
+    assert study.outputs() == published, "something was published again"
+    expected = pod5_reads(study.input)
+    del expected["a/x1.pod5"]  # its reads are published once, as b/x1.pod5's
+    check_exactly_once(expected, study.output)
+
+
+# -- 3. a rebuild given another INPUT_DIR ---------------------------------------------------------------------
+def test_a_rebuild_refuses_an_input_other_than_the_recorded_one_unless_forced(tmp_path):
+    """Given the run folder instead of its pod5/ subfolder, every relative path would change and everything
+    would be basecalled again."""
+    def nested(root):
+        for i in (1, 2):
+            write_pod5(root / "pod5" / f"r{i}.pod5", 3, seed=i)
+
+    study = Study(tmp_path, 0, 2, prepare=nested)
+    # The study's INPUT_DIR is in/pod5 (what the facility's sequencer wrote); init it that way.
+    shutil.rmtree(study.output)
+    done = study.cli("init", study.input / "pod5", study.output, "--batch-files", 2)
+    assert done.returncode == 0, done.stderr
+    assert study.cli("run", "--worker-id", "w").returncode == 0
+    before = study.ledger.read_bytes()
+
+    refused = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in refused.stderr, refused.stderr
+    assert str(study.input.resolve()) in lines[0] and str((study.input / "pod5").resolve()) in lines[0]
+    assert "--force" in lines[0]
+    assert study.ledger.read_bytes() == before, "the refused rebuild touched the ledger"
+
+    right = study.cli("recover", "--rebuild", "--input", study.input / "pod5", "--output", study.output)
+    assert right.returncode == 0, right.stderr
+    assert "2 pod5 files found, 2 already published" in right.stdout
+    forced = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert f"INPUT_DIR is now {study.input.resolve()} (--force" in forced.stdout
+
+
+# -- 4. a publication that fails midway leaves no output in place ---------------------------------------------
+def test_a_rename_failing_midway_leaves_no_output_of_the_failed_files(tmp_path, monkeypatch):
+    from ledgerbc import publish
+    from ledgerbc.run import Worker, WorkerOptions
+
+    study = Study(tmp_path, 3, 3, init_args=("--max-attempts", "1"))
+    real_replace, calls = os.replace, []
+
+    def second_rename_fails(src, dst):  # of the publication's renames, staging -> OUTPUT_DIR
+        if "staging" in Path(src).parts and "staging" not in Path(dst).parts:
+            calls.append(dst)
+        if len(calls) == 2 and calls[-1] == dst:
+            raise OSError(errno.EIO, "Input/output error (test)", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(publish.os, "replace", second_rename_fails)
+    monkeypatch.setenv("PATH", study.env["PATH"])  # the stand-in dorado
+    ledger = Ledger(study.ledger)
+    assert Worker.open(ledger, WorkerOptions(worker_id="w", max_batches=1), env=study.env).run() == 0
+    monkeypatch.undo()
+    state = study.files()
+    assert models.FAILED in {s for s, _b in state.values()} and models.DONE not in {s for s, _b in state.values()}, state
+    left = [p for kind in ("pass", "fail", "summary") for p in (study.output / kind).rglob("*") if p.is_file()]
+    assert not left, f"outputs stayed in place after the publication failed: {left}"
+    assert_verified(study.ledger)
+    assert study.cli("retry", "--all-failed").returncode == 0
+    assert study.cli("run", "--worker-id", "again").returncode == 0
+    check_exactly_once(pod5_reads(study.input), study.output)
+
+
+# -- 5. an original moved before it is basecalled ---------------------------------------------------------------
+def test_an_original_moved_before_it_is_basecalled_is_basecalled_under_its_new_path(tmp_path):
+    def incoming(root):
+        for name in ("x", "y", "z", "w"):
+            write_pod5(root / "incoming" / f"{name}.pod5", 4, seed=ord(name))
+
+    study = Study(tmp_path, 0, 2, prepare=incoming)
+    (study.input / "final").mkdir()
+    os.rename(study.input / "incoming" / "x.pod5", study.input / "final" / "x.pod5")  # moved
+    shutil.copy(study.input / "incoming" / "y.pod5", study.input / "final" / "y.pod5")  # copied...
+    scan = study.cli("scan")
+    assert "1 duplicates" in scan.stdout and "1 gone from INPUT_DIR before" in scan.stdout, scan.stdout
+    os.unlink(study.input / "incoming" / "y.pod5")  # ...then the original removed
+    shutil.move(study.input / "incoming" / "z.pod5", tmp_path / "z.pod5")  # gone, no copy in INPUT_DIR
+    scan = study.cli("scan")
+    assert scan.returncode == 0 and "2 gone from INPUT_DIR before they were basecalled (1 replaced by a copy)" in scan.stdout, scan.stdout
+
+    report = study.status()
+    assert report["files"]["gone"] == 3 and report["files"]["pending"] == 3
+    assert sorted((g["path"], g["replaced_by"]) for g in report["gone"]) == [
+        ("incoming/x.pod5", "final/x.pod5"), ("incoming/y.pod5", "final/y.pod5"), ("incoming/z.pod5", None)]
+    text = study.cli("status").stdout
+    assert "incoming/z.pod5  (no copy left: its reads will not be basecalled)" in text
+    assert "incoming/x.pod5  -> basecalled as its copy final/x.pod5" in text
+
+    run = study.cli("run", "--worker-id", "w")
+    assert run.returncode == 0, run.stderr
+    assert study.cli("retry", "--all-failed").returncode == 0  # nothing failed; retry still works
+    state = study.files()
+    assert {rel: s for rel, (s, _b) in state.items()} == {
+        "incoming/x.pod5": models.GONE, "incoming/y.pod5": models.GONE, "incoming/z.pod5": models.GONE,
+        "final/x.pod5": models.DONE, "final/y.pod5": models.DONE, "incoming/w.pod5": models.DONE}
+    check_exactly_once(pod5_reads(study.input), study.output)
+
+    # Published, then moved away: it stays done, the new path is its duplicate, and --deep reads it there.
+    (study.input / "archive").mkdir()
+    os.rename(study.input / "final" / "x.pod5", study.input / "archive" / "x.pod5")
+    assert study.cli("scan").returncode == 0
+    state = study.files()
+    assert (state["final/x.pod5"][0], state["archive/x.pod5"][0]) == (models.DONE, models.DUPLICATE)
+    assert_verified(study.ledger)
+    # A gone path that comes back is admitted again.
+    shutil.move(tmp_path / "z.pod5", study.input / "incoming" / "z.pod5")
+    assert study.cli("scan").returncode == 0
+    assert study.files()["incoming/z.pod5"][0] == models.PENDING
+    assert study.cli("run", "--worker-id", "w2").returncode == 0
+    assert study.files()["incoming/z.pod5"][0] == models.DONE
+
+
+# -- 6. one file linked from two ASSIGNED folders ----------------------------------------------------------------
+def assigned_folder(study, batch_id, worker_id, rels, token=None):
+    """An ASSIGNED folder as a worker makes it: relative links and the manifest."""
+    folder = study.output / "work" / f"ASSIGNED_{batch_id}_{worker_id}"
+    folder.mkdir(parents=True)
+    files = []
+    for i, rel in enumerate(rels):
+        name = f"{i:05d}_{Path(rel).name}"
+        os.symlink(os.path.relpath(study.input / rel, folder), folder / name)
+        fid = next(r.file_identifier for r in Ledger(study.ledger).transact(
+            lambda c: c.execute(sa.select(models.Pod5File).where(models.Pod5File.rel_path == rel)).all()))
+        files.append({"link": name, "rel": rel, "file_identifier": fid})
+    (folder / ".batch.json").write_text(json.dumps({"batch_id": batch_id, "token": token, "worker_id": worker_id,
+                                                    "files": files}))
+    return folder
+
+
+def test_a_file_linked_from_two_assigned_folders_belongs_to_the_newest_claim_only(tmp_path):
+    study = Study(tmp_path, 3, 3, lease="3s")
+    ledger = Ledger(study.ledger)
+    settings = ledger.read_settings()
+    zombie = claim.claim_batch(ledger, "zombie", settings)
+    rels = [f.rel for f in zombie.files]
+    old = assigned_folder(study, zombie.batch_id, "zombie", rels, getattr(zombie, "token", None))
+    janitor.reclaim(ledger, settings, zombie.batch_id, janitor.JanitorReport(), reason="test")  # its folder stays
+    live = claim.claim_batch(ledger, "live", settings)
+    assert sorted(f.rel for f in live.files) == sorted(rels) and live.batch_id > zombie.batch_id
+    assigned_folder(study, live.batch_id, "live", rels, getattr(live, "token", None))
+
+    study.ledger.write_bytes(os.urandom(8192))
+    rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    for rel in rels:
+        assert f"ASSIGNED_{zombie.batch_id}_zombie: {rel} is also in batch {live.batch_id}, the newer claim: left to it" \
+            in rebuilt.stdout, rebuilt.stdout
+    assert {b: sorted(r) for b, r in running(study.ledger).items()} == {live.batch_id: sorted(rels)}
+    assert not old.exists()
+    assert_verified(study.ledger)
+    # Nobody runs batch `live`: it expires, the watchman reclaims it, the work is done once.
+    done = study.cli("run", "--worker-id", "rescuer")
+    assert done.returncode == 0, done.stderr
+    check_exactly_once(pod5_reads(study.input), study.output)
+
+
+# -- found by reading: recover racing a claim --------------------------------------------------------------------
+class ClaimingLedger(Ledger):
+    """A ledger handle that lets a worker claim the next batch just before reconcile's write transaction."""
+
+    def __init__(self, path, settings):
+        super().__init__(path)
+        self.settings = settings
+        self.claimed = None
+
+    def transact(self, fn, *args, **kwargs):
+        if self.claimed is None and getattr(fn, "__qualname__", "").startswith("reconcile.") and fn.__name__ == "txn":
+            self.claimed = claim.claim_batch(Ledger(self.path), "quick", self.settings)
+        return super().transact(fn, *args, **kwargs)
+
+
+def test_recover_never_marks_a_file_claimed_meanwhile_done(tmp_path):
+    study = Study(tmp_path, 2, 1)
+    assert study.cli("run", "--worker-id", "w", "--max-batches", "1").returncode == 0
+    (pending,) = [rel for rel, (s, _b) in study.files().items() if s == models.PENDING]
+    (done,) = [rel for rel, (s, _b) in study.files().items() if s == models.DONE]
+    # An output for the pending file turns up (restored from a backup of an earlier attempt).
+    target = study.output / "pass" / (pending[: -len(".pod5")] + ".fastq")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(study.output / "pass" / (done[: -len(".pod5")] + ".fastq"), target)
+    ledger = ClaimingLedger(study.ledger, Ledger(study.ledger).read_settings())
+    janitor.recover(ledger)
+    assert ledger.claimed is not None and [f.rel for f in ledger.claimed.files] == [pending]
+    assert study.files()[pending] == (models.CLAIMED, ledger.claimed.batch_id), "a just-claimed file was marked done"
+
+
+# -- found by reading: recover --force during a run ---------------------------------------------------------------
+@pytest.mark.slow
+def test_recover_force_during_a_run_fails_no_good_file(tmp_path):
+    study = Study(tmp_path, 3, 3, lease="20s", delay=4, init_args=("--max-attempts", "1"))
+    worker = study.start_worker("alive")
+    folder = wait_mid_batch(study, worker, "alive")
+    batch_id = int(folder.name.split("_")[1])
+    forced = study.cli("recover", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert f"left batch {batch_id} of alive running: its lease was renewed" in forced.stdout, forced.stdout
+    assert "reclaimed" not in forced.stdout
+    assert worker.wait(timeout=120) == 0, study.log_of("alive")
+    log = study.log_of("alive")
+    assert "fenced" not in log and "Traceback" not in log, log
+    state = study.files()
+    assert {s for s, _b in state.values()} == {models.DONE}
+    assert batch_id in {b for _s, b in state.values()}, "the batch left running was not the one that published"
+    check_exactly_once(pod5_reads(study.input), study.output)
+
+
+# -- found by reading: renames made durable in order ---------------------------------------------------------------
+def test_publication_steps_are_durable_in_order_and_new_folders_before_renames_into_them(tmp_path, monkeypatch):
+    """After a power loss, a later step (pass/, the summary) must never be on disk without an earlier one
+    (fail/), nor a file in a folder whose own entry was not made durable."""
+    from ledgerbc import publish
+
+    events = []
+    real_replace, real_mkdir = os.replace, Path.mkdir
+    monkeypatch.setattr(publish, "fsync_dir", lambda p: events.append(("fsync", Path(p))))
+    monkeypatch.setattr(publish.os, "replace", lambda a, b: (real_replace(a, b), events.append(("rename", Path(b))))[0])
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (real_mkdir(self, *a, **k), events.append(("mkdir", self)))[0])
+    steps = []
+    for kind in ("fail", "pass", "summary"):
+        step = []
+        for name in ("a/x", "b/c/y"):
+            staged = tmp_path / "staging" / kind / name
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            staged.write_text(kind)
+            step.append(publish.Move(staged, tmp_path / "out" / kind / name))
+        steps.append(step)
+    events.clear()
+    publish.Installer(steps).run()
+    out = tmp_path / "out"
+
+    def kind(path):
+        return path.relative_to(out).parts[0] if path != out and out in path.parents else None
+
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    for i in renames:
+        folder = events[i][1].parent
+        made = [j for j, e in enumerate(events) if e == ("mkdir", folder)]
+        synced = [j for j, e in enumerate(events) if e == ("fsync", folder.parent)]
+        assert made and synced and made[0] < synced[0] < i, f"{folder} not durable before the rename into it"
+    for earlier, later in (("fail", "pass"), ("pass", "summary")):
+        last = max(i for i in renames if kind(events[i][1]) == earlier)
+        first_later = min(i for i in renames if kind(events[i][1]) == later)
+        for i in renames:
+            if kind(events[i][1]) == earlier:  # the folder of every earlier rename is synced before `later` starts
+                folder = events[i][1].parent
+                assert any(e == ("fsync", folder) and last < j < first_later for j, e in enumerate(events)), (
+                    f"{later}/ renamed before {earlier}/ was durable ({folder})")
+
+
+# -- found by reading: fencing tokens after a rebuild that saw no trace of a claim -----------------------------------
+def test_a_claim_the_rebuild_never_saw_is_fenced_even_when_its_batch_id_is_handed_out_again(tmp_path):
+    """The old ledger is unreadable and a claim left no trace on disk yet (its worker froze before making its
+    folder): the rebuilt ledger may hand its batch id out again. The fencing token is the id and a random
+    nonce, so the zombie can neither heartbeat nor publish over the new claim, even with the same worker id."""
+    study = Study(tmp_path, 2, 1)
+    ledger = Ledger(study.ledger)
+    settings = ledger.read_settings()
+    zombie = claim.claim_batch(ledger, "job_7@node", settings)
+    study.ledger.write_bytes(os.urandom(8192))
+    rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    ledger = Ledger(study.ledger)
+    fresh = claim.claim_batch(ledger, "job_7@node", settings)  # a requeued task: same worker id
+    assert fresh.batch_id == zombie.batch_id and fresh.token != zombie.token
+    with pytest.raises(claim.NotOwner):
+        claim.heartbeat(ledger, zombie)
+    with pytest.raises(claim.NotOwner):
+        claim.publish(ledger, zombie, [claim.FileResult(f.rel, True, reads_pass=1) for f in zombie.files], None, 3)
+    claim.heartbeat(ledger, fresh)
+    assert {s for s, _b in study.files().values()} <= {models.CLAIMED, models.PENDING}
