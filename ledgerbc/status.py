@@ -143,22 +143,8 @@ def collect(conn, now: float, settings) -> dict:
             .order_by(t.chemistry, t.id).limit(LIST_LIMIT)
         )
     ]
-    original = sa.orm.aliased(Pod5File)
-    duplicates = [
-        {"path": r[0], "same_as": r[1]}
-        for r in conn.execute(
-            sa.select(t.rel_path, original.rel_path).join(original, original.id == t.duplicate_of)
-            .where(t.state == models.DUPLICATE).order_by(t.id).limit(LIST_LIMIT)
-        )
-    ]
-    heir = sa.orm.aliased(Pod5File)
-    gone = [
-        {"path": r[0], "replaced_by": r[1]}
-        for r in conn.execute(
-            sa.select(t.rel_path, heir.rel_path).outerjoin(heir, heir.id == t.duplicate_of)
-            .where(t.state == models.GONE).order_by(t.id).limit(LIST_LIMIT)
-        )
-    ]
+    duplicates = _with_twin(conn, models.DUPLICATE, "same_as")
+    gone = _with_twin(conn, models.GONE, "replaced_by")  # the copy basecalled in its place, if any
     return {
         "schema": SCHEMA,
         "ledger_time": now,
@@ -283,6 +269,18 @@ def dorado_section(conn, settings) -> dict:
 
 def zero_sum(col):
     return sa.func.coalesce(sa.func.sum(col), 0)
+
+
+def _with_twin(conn, state: str, key: str) -> list[dict]:
+    """Files in `state` (duplicate, gone) with the path of the file they point at (`duplicate_of`)."""
+    t, twin = Pod5File, sa.orm.aliased(Pod5File)
+    return [
+        {"path": r[0], key: r[1]}
+        for r in conn.execute(
+            sa.select(t.rel_path, twin.rel_path).outerjoin(twin, twin.id == t.duplicate_of)
+            .where(t.state == state).order_by(t.id).limit(LIST_LIMIT)
+        )
+    ]
 
 
 def report(ledger) -> dict:

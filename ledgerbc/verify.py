@@ -244,6 +244,8 @@ def _check_unknown(snap, by_id, by_rel, layout, settings, on_disk: set, bad: lis
             bad.append(Violation(rel, f"{path} is published for it, but the ledger does not know this pod5"))
         elif row.state != DONE:
             bad.append(Violation(rel, f"{row.state}, but {path} is published for it"))
+        elif row.id not in snap.outputs:
+            continue  # done with no outputs recorded at all: one line already says so (and how to fix it)
         else:
             bad.append(Violation(rel, f"{path} is not one of its recorded outputs"))
 

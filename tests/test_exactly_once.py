@@ -5,7 +5,6 @@ an original moved before it was basecalled, a file linked from two ASSIGNED fold
 claim, `recover --force` during a run, renames made durable in order, fencing tokens after a rebuild.
 Every finished run ends with `verify --deep` (check_exactly_once does it).
 """
-import errno
 import json
 import os
 import shutil
@@ -64,8 +63,9 @@ def test_a_worker_mid_batch_across_a_rebuild_that_renumbers_rows_publishes_exact
     worker = study.start_worker("alive")
     folder = wait_mid_batch(study, worker, "alive")
     batch_id = int(folder.name.split("_")[1])
-    assert sorted(json.loads((folder / ".batch.json").read_text())["files"][i]["rel"] for i in range(3)) == [
-        "b/run_1.pod5", "b/run_2.pod5", "b/run_3.pod5"]
+    linked = sorted(Path(os.path.realpath(link)).relative_to(study.input.resolve()).as_posix()
+                    for link in folder.iterdir() if link.is_symlink())
+    assert linked == ["b/run_1.pod5", "b/run_2.pod5", "b/run_3.pod5"]
 
     study.ledger.unlink()  # lost mid-batch, rebuilt from the files on disk
     rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
@@ -145,25 +145,31 @@ def test_a_rebuild_refuses_an_input_other_than_the_recorded_one_unless_forced(tm
 
 
 # -- 4. a publication that fails midway leaves no output in place ---------------------------------------------
-def test_a_rename_failing_midway_leaves_no_output_of_the_failed_files(tmp_path, monkeypatch):
-    from ledgerbc import publish
-    from ledgerbc.run import Worker, WorkerOptions
+FAILING_RENAME = """
+import os
+_real, _moves = os.replace, []
 
+
+def _replace(src, dst, **kw):  # the second rename of a publication (staging -> OUTPUT_DIR) fails
+    if "staging" in str(src).split(os.sep) and "staging" not in str(dst).split(os.sep):
+        _moves.append(dst)
+        if len(_moves) == 2:
+            raise OSError(5, "Input/output error (test)", str(dst))
+    return _real(src, dst, **kw)
+
+
+os.replace = _replace
+"""
+
+
+def test_a_rename_failing_midway_leaves_no_output_of_the_failed_files(tmp_path):
     study = Study(tmp_path, 3, 3, init_args=("--max-attempts", "1"))
-    real_replace, calls = os.replace, []
-
-    def second_rename_fails(src, dst):  # of the publication's renames, staging -> OUTPUT_DIR
-        if "staging" in Path(src).parts and "staging" not in Path(dst).parts:
-            calls.append(dst)
-        if len(calls) == 2 and calls[-1] == dst:
-            raise OSError(errno.EIO, "Input/output error (test)", str(dst))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(publish.os, "replace", second_rename_fails)
-    monkeypatch.setenv("PATH", study.env["PATH"])  # the stand-in dorado
-    ledger = Ledger(study.ledger)
-    assert Worker.open(ledger, WorkerOptions(worker_id="w", max_batches=1), env=study.env).run() == 0
-    monkeypatch.undo()
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAILING_RENAME)
+    env = dict(study.env, PYTHONPATH=f"{hook}{os.pathsep}{study.env['PYTHONPATH']}")
+    first = study.cli("run", "--worker-id", "w", "--max-batches", "1", env=env)
+    assert first.returncode == 0, first.stderr
     state = study.files()
     assert models.FAILED in {s for s, _b in state.values()} and models.DONE not in {s for s, _b in state.values()}, state
     left = [p for kind in ("pass", "fail", "summary") for p in (study.output / kind).rglob("*") if p.is_file()]
@@ -381,3 +387,29 @@ def test_a_claim_the_rebuild_never_saw_is_fenced_even_when_its_batch_id_is_hande
         claim.publish(ledger, zombie, [claim.FileResult(f.rel, True, reads_pass=1) for f in zombie.files], None, 3)
     claim.heartbeat(ledger, fresh)
     assert {s for s, _b in study.files().values()} <= {models.CLAIMED, models.PENDING}
+
+
+def test_a_rebuild_removes_half_made_claims_and_adopts_an_older_versions_folder_by_its_links(tmp_path):
+    """A hidden `.ASSIGNED_*.tmp-*` folder is a claim whose folder was never completed: removed, its files
+    pending. A folder without a manifest (made by an older ledgerbc) is adopted by its links, with no
+    fencing nonce: only a worker of that older version (which has none either) can still publish it."""
+    study = Study(tmp_path, 4, 2)
+    rels = sorted(study.files())
+    half = study.output / "work" / ".ASSIGNED_7_w1.tmp-0123abcd"
+    half.mkdir(parents=True)
+    os.symlink(os.path.relpath(study.input / rels[0], half), half / f"00000_{Path(rels[0]).name}")
+    old = study.output / "work" / "ASSIGNED_5_w0"
+    old.mkdir()
+    for i, rel in enumerate(rels[2:]):
+        os.symlink(os.path.relpath(study.input / rel, old), old / f"{i:05d}_{Path(rel).name}")
+    study.ledger.unlink()
+    rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert ".ASSIGNED_7_w1.tmp-0123abcd: a claim whose folder was never completed, removed" in rebuilt.stdout
+    assert ("batch 5 of w0: 2 files assigned, running again (no manifest: an older version's folder, adopted by "
+            "its links without a fencing nonce)") in rebuilt.stdout
+    assert "new batch ids start above 7" in rebuilt.stdout
+    assert not half.exists()
+    assert {b: sorted(r) for b, r in running(study.ledger).items()} == {5: rels[2:]}
+    assert Ledger(study.ledger).transact(lambda c: c.execute(sa.select(Batch.token).where(Batch.id == 5)).scalar()) is None
+    assert {rel: s for rel, (s, _b) in study.files().items() if rel in rels[:2]} == {r: models.PENDING for r in rels[:2]}
