@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from .claim import OutputRecord
 from .durable import fsync_dir
 from .layout import SUMMARY_COLUMNS, Layout, output_relpath, summary_relpath
+from .prepared import Prepared, p
 from .models import DONE, FAIL, PASS, PENDING, SUMMARY, Output, Pod5File
 
 UNCLASSIFIED = "unclassified"
@@ -299,37 +300,60 @@ def write_summary(final: Path, lines: list[str], replace: bool = False) -> Path:
 
 
 # -- applying what was found: short guarded transactions ---------------------------------------------------
+def _done_values(found: Published, read_count: int | None) -> dict:
+    missing = None if read_count is None or found.parents is None else max(0, read_count - found.parents)
+    return dict(reads_pass=found.reads_pass, reads_fail=found.reads_fail, bases=found.bases, reads_missing=missing)
+
+
+def _output_rows(file_id: int, batch_id: int | None, outputs: list[OutputRecord]) -> list[dict]:
+    return [dict(file_id=file_id, batch_id=batch_id, kind=o.kind, barcode=o.barcode, path=o.path, reads=o.reads,
+                 bases=o.bases, bytes=o.bytes, checksum=o.checksum) for o in outputs]
+
+
 def mark_done(conn, file_id: int, found: Published, now: float, seen_state: str, seen_batch: int | None,
               batch_id: int | None = None) -> bool:
     """Mark a file done from its published outputs, with its `outputs` rows, if it is still in the state
     (and batch) it was seen in when its outputs were read. False (nothing changed) otherwise."""
     t = Pod5File
-    guard = [t.id == file_id, t.state == seen_state]
-    guard.append(t.batch_id.is_(None) if seen_batch is None else t.batch_id == seen_batch)
     read_count = conn.execute(sa.select(t.read_count).where(t.id == file_id)).scalar()
-    missing = None
-    if read_count is not None and found.parents is not None:
-        missing = max(0, read_count - found.parents)
+    batch_id = batch_id if batch_id is not None else seen_batch
     moved = conn.execute(
-        sa.update(t).where(*guard).values(
-            state=DONE, reads_pass=found.reads_pass, reads_fail=found.reads_fail, bases=found.bases,
-            reads_missing=missing, done_at=now, last_error=None, isolate=False,
-            batch_id=batch_id if batch_id is not None else seen_batch,
-        )
+        sa.update(t).where(t.id == file_id, t.state == seen_state,
+                           t.batch_id.is_(None) if seen_batch is None else t.batch_id == seen_batch)
+        .values(state=DONE, done_at=now, last_error=None, isolate=False, batch_id=batch_id,
+                **_done_values(found, read_count))
     ).rowcount
     if not moved:
         return False
-    record_outputs(conn, file_id, batch_id if batch_id is not None else seen_batch, found.outputs)
+    record_outputs(conn, file_id, batch_id, found.outputs)
     return True
+
+
+_PENDING_DONE = Prepared.of(
+    sa.update(Pod5File).where(Pod5File.id == p("file_id"), Pod5File.state == PENDING, Pod5File.batch_id.is_(None))
+    .values(state=DONE, done_at=p("now"), last_error=None, reads_pass=p("reads_pass"), reads_fail=p("reads_fail"),
+            bases=p("bases"), reads_missing=p("reads_missing")))
+_OUTPUT = Prepared.of(sa.insert(Output).values(
+    file_id=p("file_id"), batch_id=p("batch_id"), kind=p("kind"), barcode=p("barcode"), path=p("path"),
+    reads=p("reads"), bases=p("bases"), bytes=p("bytes"), checksum=p("checksum")))
+
+
+def mark_pending_files_done(conn, items: list[tuple[int, int | None, Published]], now: float) -> int:
+    """Many pending files (not in any batch) done at once, with their `outputs` rows: (file id, read count,
+    what is published). For a rebuild, under the lock: one prepared statement per table (prepared.py), not
+    SQLAlchemy's machinery per row (~10 us instead of ~100 us a file)."""
+    if not items:
+        return 0
+    moved = _PENDING_DONE.run_many(conn, [dict(file_id=i, now=now, **_done_values(got, n)) for i, n, got in items]).rowcount
+    _OUTPUT.run_many(conn, [row for i, _n, got in items for row in _output_rows(i, None, got.outputs)])
+    return moved
 
 
 def record_outputs(conn, file_id: int, batch_id: int | None, outputs: list[OutputRecord]) -> None:
     """Replace the `outputs` rows of a file."""
     conn.execute(sa.delete(Output).where(Output.file_id == file_id))
     if outputs:
-        conn.execute(sa.insert(Output), [
-            dict(file_id=file_id, batch_id=batch_id, kind=o.kind, barcode=o.barcode, path=o.path, reads=o.reads,
-                 bases=o.bases, bytes=o.bytes, checksum=o.checksum) for o in outputs])
+        conn.execute(sa.insert(Output), _output_rows(file_id, batch_id, outputs))
 
 
 def mark_pending(conn, file_id: int, seen_batch: int | None, leftovers: list[Path]) -> bool:

@@ -281,14 +281,14 @@ def _adopt(conn, survey: Survey, max_id: int, now: float) -> list[str]:
     rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.file_identifier)).all()
     claimed_rel = {rel for a in survey.assigned for rel, _fid in a.files}
     lines += _elect_originals(conn, rows, survey.published, claimed_rel)
-    rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.size, t.file_identifier)).all()
+    rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.size, t.file_identifier, t.read_count)).all()
     by_rel = {r.rel_path: r for r in rows}
-
-    done = 0
-    for rel, got in survey.published.items():
-        row = by_rel.get(rel)
-        if row is not None and row.state == PENDING and published.mark_done(conn, row.id, got, now, PENDING, None):
-            done += 1
+    done = published.mark_pending_files_done(conn, [
+        (row.id, row.read_count, got) for rel, got in survey.published.items()
+        if (row := by_rel.get(rel)) is not None and row.state == PENDING], now)
+    if done:
+        rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.size, t.file_identifier, t.read_count)).all()
+        by_rel = {r.rel_path: r for r in rows}
     lines.insert(0, f"{len(rows)} pod5 files found, {done} already published")
 
     for _batch_id, path in hidden_claims(layout):
