@@ -128,6 +128,8 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time, for
         rels = aside.transact(lambda c: c.execute(sa.select(Pod5File.rel_path).where(Pod5File.file_identifier.is_not(None))).scalars().all())
         survey = Survey(layout, settings, input_dir, assigned=read_assigned(layout, input_dir))
         survey.read_published(rels)
+        # The bulk, on the ledger built aside, before the lock: published files are never unpublished.
+        found = aside.transact(_prepare, survey, clock())
         old_seq, old_live = _old_ledger(ledger_path)
         live = db.Ledger(ledger_path, clock=clock)
         for attempt in range(LOCKED_TRIES + 1):
@@ -137,7 +139,8 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time, for
                     pass  # read them outside the lock, then look again
                 else:
                     survey.read_published(news)  # the last try: under the lock, rather than never finishing
-                    lines += aside.transact(_adopt, survey, max(old_seq, _max_id_on_disk(layout, ledger_path)), clock())
+                    lines += found + aside.transact(_adopt, survey, max(old_seq, _max_id_on_disk(layout, ledger_path)),
+                                                    clock())
                     _swap(tmp, ledger_path, clock())
                     break
             survey.read_published(news)
@@ -271,25 +274,39 @@ def _swap(tmp: Path, ledger_path: Path, now: float) -> None:
     fsync_dir(ledger_path.parent)
 
 
-def _adopt(conn, survey: Survey, max_id: int, now: float) -> list[str]:
-    """Under the global lock, on the ledger built aside: originals of copies, published files -> done,
-    ASSIGNED folders -> running batches, the batch id counter. Only cheap file operations (removing
-    half-made claim folders and dead work folders)."""
-    layout = survey.layout
-    lines = []
+def _prepare(conn, survey: Survey, now: float) -> list[str]:
+    """Before the lock, on the ledger built aside: originals of copies, published files -> done with their
+    `outputs` rows (the bulk of the writes)."""
     t = Pod5File
     rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.file_identifier)).all()
     claimed_rel = {rel for a in survey.assigned for rel, _fid in a.files}
-    lines += _elect_originals(conn, rows, survey.published, claimed_rel)
-    rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.size, t.file_identifier, t.read_count)).all()
+    lines = _elect_originals(conn, rows, survey.published, claimed_rel)
+    _mark_published(conn, survey, now)
+    return lines
+
+
+def _mark_published(conn, survey: Survey, now: float) -> int:
+    """Published files still pending in the ledger built aside: done (one statement per table)."""
+    t = Pod5File
+    pending = {r.rel_path: r for r in conn.execute(
+        sa.select(t.id, t.rel_path, t.read_count).where(t.state == PENDING, t.batch_id.is_(None)))}
+    return published.mark_pending_files_done(conn, [
+        (row.id, row.read_count, got) for rel, got in survey.published.items() if (row := pending.get(rel)) is not None],
+        now)
+
+
+def _adopt(conn, survey: Survey, max_id: int, now: float) -> list[str]:
+    """Under the global lock, on the ledger built aside: files published since `_prepare` -> done, ASSIGNED
+    folders -> running batches, the batch id counter. Only a few statements per ASSIGNED folder, and cheap
+    file operations (removing half-made claim folders and dead work folders)."""
+    layout = survey.layout
+    lines = []
+    t = Pod5File
+    _mark_published(conn, survey, now)
+    rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.size, t.file_identifier)).all()
     by_rel = {r.rel_path: r for r in rows}
-    done = published.mark_pending_files_done(conn, [
-        (row.id, row.read_count, got) for rel, got in survey.published.items()
-        if (row := by_rel.get(rel)) is not None and row.state == PENDING], now)
-    if done:
-        rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.size, t.file_identifier, t.read_count)).all()
-        by_rel = {r.rel_path: r for r in rows}
-    lines.insert(0, f"{len(rows)} pod5 files found, {done} already published")
+    done = conn.execute(sa.select(sa.func.count()).select_from(t).where(t.state == models.DONE)).scalar_one()
+    lines.append(f"{len(rows)} pod5 files found, {done} already published")
 
     for _batch_id, path in hidden_claims(layout):
         shutil.rmtree(path, ignore_errors=True)
