@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import claim, dorado, lease, modelplan, pod5check, split
 from .chemistry import chemistry_error
-from .durable import fsync_dir, fsync_path, probe_space
+from .durable import fsync_dir, fsync_path, nearly_full, probe_space
 from .errors import LedgerCorrupt, LedgerError, LedgerNotFound, LockTimeout, NotOwner, StorageFull
 from .layout import MANIFEST, Layout, link_name
 from .publish import Installer, Move
@@ -76,6 +76,7 @@ class BatchRun:
         self.staging = crew.layout.staging(batch.batch_id, batch.token)
         self.beat = lease.Heartbeat(crew.ledger, crew.settings, batch)
         self.proc: dorado.DoradoProcess | None = None
+        self.full_seen = False  # OUTPUT_DIR's filesystem was (nearly) full at some point while the batch ran
 
     # -- the whole batch ------------------------------------------------------------------------------
     def execute(self) -> str:
@@ -181,7 +182,9 @@ class BatchRun:
         started = time.monotonic()
         next_beat = started + settings.heartbeat
         while True:
-            if self.proc.poll(TICK) is not None:
+            ended = self.proc.poll(TICK) is not None
+            self._watch_space()
+            if ended:
                 if self.proc.proc.returncode < 0 and not crew.stop.requested:
                     # dorado died of a signal: scancel and Slurm signal every process of the task, and
                     # dorado (no handler) may die before our own SIGTERM lands. Wait for it briefly.
@@ -273,6 +276,7 @@ class BatchRun:
         next_beat = time.monotonic() + self.crew.settings.heartbeat
         while thread.is_alive():
             thread.join(TICK)
+            self._watch_space()
             if thread.is_alive() and fenced is None and time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.crew.settings.heartbeat
                 try:
@@ -301,8 +305,17 @@ class BatchRun:
         return "done"
 
     # -- endings --------------------------------------------------------------------------------------
+    def _watch_space(self) -> None:
+        """Remember a full disk while it lasts: once workers give their batches back and clean up, space
+        comes back, and a probe made after dorado failed on the full disk would blame the files."""
+        if not self.full_seen and nearly_full(self.staging):
+            self.full_seen = True
+
     def _fail(self, error: str, now_failed: bool = False) -> str:
-        probe_space(self.staging)  # a full disk is not the files' fault: StorageFull instead (no attempt)
+        # A full disk is not the files' fault: StorageFull instead (no attempt counted).
+        if self.full_seen or (self.proc is not None and dorado.said_disk_full(self.proc.log_path)):
+            raise StorageFull(f"the disk filled while batch {self.batch.batch_id} ran ({error})", folder=self.staging)
+        probe_space(self.staging)
         try:
             self.crew.patiently(claim.fail_batch, self.crew.ledger, self.batch, error, self.crew.settings.max_attempts,
                                 now_failed)

@@ -165,6 +165,20 @@ def error_lines(log_path: Path, limit: int = 200) -> list[str]:
         return []
 
 
+FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def said_disk_full(log_path: Path, tail: int = 1 << 16) -> bool:
+    """Does the end of a batch log say a write failed for want of space (ENOSPC, EDQUOT)?"""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - tail))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return any(t in text for t in FULL_TEXTS)
+
+
 def _quote(arg: str) -> str:
     import shlex
 

@@ -22,14 +22,29 @@ def fsync_dir(path: Path) -> None:
         pass  # some filesystems refuse fsync on directories; the rename is still atomic
 
 
+def _existing(folder: Path) -> Path:
+    folder = Path(folder)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def nearly_full(folder: Path, nbytes: int = PROBE_BYTES) -> bool:
+    """Is less than `nbytes` free for this user on the filesystem of `folder`? (statvfs: no write; quotas
+    are not seen here, `probe_space` sees them.)"""
+    try:
+        st = os.statvfs(_existing(folder))
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < nbytes
+
+
 def probe_space(folder: Path, nbytes: int = PROBE_BYTES) -> None:
     """Raise StorageFull when `nbytes` cannot be written and synced in `folder` (or the nearest existing
     parent): a failure that a full disk or quota caused is not the input files' fault (DESIGN §4)."""
     from .errors import StorageFull
 
-    folder = Path(folder)
-    while not folder.is_dir() and folder != folder.parent:
-        folder = folder.parent
+    folder = _existing(folder)
     probe = folder / f".ledgerbc-space-probe-{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

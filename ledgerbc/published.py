@@ -253,14 +253,17 @@ def _records(path: Path):
 
 
 def _acquisition_starts(pod5_path: Path) -> dict:
-    """{acquisition id: start time} of a pod5 file's runs ({} if it cannot be read)."""
+    """{run id: acquisition start time} of a pod5 file's runs, by `protocol_run_id` (what dorado names its read
+    groups after) and by `acquisition_id`; {} if the pod5 cannot be read."""
     try:
         import pod5
 
         with pod5.Reader(pod5_path) as reader:
-            return {r["acquisition_id"]: r["acquisition_start_time"] for r in reader.run_info_table.read_all().to_pylist()}
+            runs = reader.run_info_table.read_all().to_pylist()
     except Exception:  # the input may be gone or damaged: the summary then has no start times
         return {}
+    return {r[key]: r["acquisition_start_time"] for r in runs for key in ("acquisition_id", "protocol_run_id")
+            if r.get(key)}
 
 
 def _run_of_fastq(record, starts: dict):

@@ -18,13 +18,10 @@ from ledgerbc import claim, janitor, models
 from ledgerbc.db import Ledger
 from ledgerbc.models import Batch
 from ledgerbc.testkit.synth import write_pod5
-from recovery_helpers import Study, assert_verified, check_exactly_once, children_of, kill_leftovers, pod5_reads
+from helpers import assert_verified, check_exactly_once, children_of, make_study, pod5_reads
 
 
-@pytest.fixture(autouse=True)
-def no_stray_processes(tmp_path):
-    yield
-    kill_leftovers(str(tmp_path))
+pytestmark = pytest.mark.usefixtures("no_stray_processes")
 
 
 def running(ledger_path) -> dict[int, list[str]]:
@@ -41,7 +38,7 @@ def running(ledger_path) -> dict[int, list[str]]:
 def wait_mid_batch(study, worker, worker_id):
     deadline = time.monotonic() + 60
     while not (assigned := list((study.output / "work").glob(f"ASSIGNED_*_{worker_id}"))) or not children_of(worker.pid):
-        assert time.monotonic() < deadline and worker.poll() is None, study.log_of(worker_id)
+        assert time.monotonic() < deadline and worker.poll() is None, study.worker_log(worker_id)
         time.sleep(0.1)
     return assigned[0]
 
@@ -56,7 +53,7 @@ def test_a_worker_mid_batch_across_a_rebuild_that_renumbers_rows_publishes_exact
         for i in (1, 2, 3):
             write_pod5(root / "b" / f"run_{i}.pod5", 4, seed=i)
 
-    study = Study(tmp_path, 0, 3, lease="30s", prepare=first, delay=4, fail_match="run_2")
+    study = make_study(tmp_path, 0, 3, lease="30s", prepare=first, delay=4, fail_match="run_2")
     for i in (10, 2, 3):  # later, and sorted before b/: after the rebuild they hold the low row ids
         write_pod5(study.input / "a" / f"late_{i}.pod5", 4, seed=10 + i)
     assert study.cli("scan").returncode == 0
@@ -67,15 +64,15 @@ def test_a_worker_mid_batch_across_a_rebuild_that_renumbers_rows_publishes_exact
                     for link in folder.iterdir() if link.is_symlink())
     assert linked == ["b/run_1.pod5", "b/run_2.pod5", "b/run_3.pod5"]
 
-    study.ledger.unlink()  # lost mid-batch, rebuilt from the files on disk
+    study.ledger_path.unlink()  # lost mid-batch, rebuilt from the files on disk
     rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert f"batch {batch_id} of alive: 3 files assigned, running again" in rebuilt.stdout
-    ids = {r.rel_path: r.id for r in Ledger(study.ledger).transact(lambda c: c.execute(sa.select(models.Pod5File)).all())}
+    ids = {r.rel_path: r.id for r in study.ledger.transact(lambda c: c.execute(sa.select(models.Pod5File)).all())}
     assert ids["a/late_10.pod5"] < ids["b/run_1.pod5"], "the rebuild did not renumber: the test proves nothing"
 
-    assert worker.wait(timeout=180) == 0, study.log_of("alive")
-    log = study.log_of("alive")
+    assert worker.wait(timeout=180) == 0, study.worker_log("alive")
+    log = study.worker_log("alive")
     assert f"batch {batch_id}: done" in log and "Traceback" not in log, log
     state = study.files()
     assert state["b/run_2.pod5"][0] == models.FAILED, "the file dorado failed on was not failed"
@@ -90,7 +87,7 @@ def test_a_worker_mid_batch_across_a_rebuild_that_renumbers_rows_publishes_exact
 
 # -- 2. a rebuild re-elects the original of two copies --------------------------------------------------------
 def test_a_rebuild_keeps_the_published_copy_the_original(tmp_path):
-    study = Study(tmp_path, 0, 2, prepare=lambda root: [write_pod5(root / "b" / f"x{i}.pod5", 5, seed=i) for i in (1, 2)])
+    study = make_study(tmp_path, 0, 2, prepare=lambda root: [write_pod5(root / "b" / f"x{i}.pod5", 5, seed=i) for i in (1, 2)])
     assert study.cli("run", "--worker-id", "first").returncode == 0
     (study.input / "a").mkdir()
     shutil.copy(study.input / "b" / "x1.pod5", study.input / "a" / "x1.pod5")  # a copy arrives, sorted first
@@ -98,7 +95,7 @@ def test_a_rebuild_keeps_the_published_copy_the_original(tmp_path):
     assert "1 duplicates" in scan.stdout, scan.stdout
     published = study.outputs()
 
-    study.ledger.unlink()
+    study.ledger_path.unlink()
     rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "3 pod5 files found, 2 already published" in rebuilt.stdout
@@ -120,13 +117,13 @@ def test_a_rebuild_refuses_an_input_other_than_the_recorded_one_unless_forced(tm
         for i in (1, 2):
             write_pod5(root / "pod5" / f"r{i}.pod5", 3, seed=i)
 
-    study = Study(tmp_path, 0, 2, prepare=nested)
+    study = make_study(tmp_path, 0, 2, prepare=nested)
     # The study's INPUT_DIR is in/pod5 (what the facility's sequencer wrote); init it that way.
     shutil.rmtree(study.output)
     done = study.cli("init", study.input / "pod5", study.output, "--batch-files", 2)
     assert done.returncode == 0, done.stderr
     assert study.cli("run", "--worker-id", "w").returncode == 0
-    before = study.ledger.read_bytes()
+    before = study.ledger_path.read_bytes()
 
     refused = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert refused.returncode == 3, refused.stdout + refused.stderr
@@ -134,7 +131,7 @@ def test_a_rebuild_refuses_an_input_other_than_the_recorded_one_unless_forced(tm
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in refused.stderr, refused.stderr
     assert str(study.input.resolve()) in lines[0] and str((study.input / "pod5").resolve()) in lines[0]
     assert "--force" in lines[0]
-    assert study.ledger.read_bytes() == before, "the refused rebuild touched the ledger"
+    assert study.ledger_path.read_bytes() == before, "the refused rebuild touched the ledger"
 
     right = study.cli("recover", "--rebuild", "--input", study.input / "pod5", "--output", study.output)
     assert right.returncode == 0, right.stderr
@@ -163,18 +160,18 @@ os.replace = _replace
 
 
 def test_a_rename_failing_midway_leaves_no_output_of_the_failed_files(tmp_path):
-    study = Study(tmp_path, 3, 3, init_args=("--max-attempts", "1"))
+    study = make_study(tmp_path, 3, 3, init_args=("--max-attempts", "1"))
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAILING_RENAME)
-    env = dict(study.env, PYTHONPATH=f"{hook}{os.pathsep}{study.env['PYTHONPATH']}")
+    env = study.env(PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     first = study.cli("run", "--worker-id", "w", "--max-batches", "1", env=env)
     assert first.returncode == 0, first.stderr
     state = study.files()
     assert models.FAILED in {s for s, _b in state.values()} and models.DONE not in {s for s, _b in state.values()}, state
     left = [p for kind in ("pass", "fail", "summary") for p in (study.output / kind).rglob("*") if p.is_file()]
     assert not left, f"outputs stayed in place after the publication failed: {left}"
-    assert_verified(study.ledger)
+    assert_verified(study.ledger_path)
     assert study.cli("retry", "--all-failed").returncode == 0
     assert study.cli("run", "--worker-id", "again").returncode == 0
     check_exactly_once(pod5_reads(study.input), study.output)
@@ -186,7 +183,7 @@ def test_an_original_moved_before_it_is_basecalled_is_basecalled_under_its_new_p
         for name in ("x", "y", "z", "w"):
             write_pod5(root / "incoming" / f"{name}.pod5", 4, seed=ord(name))
 
-    study = Study(tmp_path, 0, 2, prepare=incoming)
+    study = make_study(tmp_path, 0, 2, prepare=incoming)
     (study.input / "final").mkdir()
     os.rename(study.input / "incoming" / "x.pod5", study.input / "final" / "x.pod5")  # moved
     shutil.copy(study.input / "incoming" / "y.pod5", study.input / "final" / "y.pod5")  # copied...
@@ -220,7 +217,7 @@ def test_an_original_moved_before_it_is_basecalled_is_basecalled_under_its_new_p
     assert study.cli("scan").returncode == 0
     state = study.files()
     assert (state["final/x.pod5"][0], state["archive/x.pod5"][0]) == (models.DONE, models.DUPLICATE)
-    assert_verified(study.ledger)
+    assert_verified(study.ledger_path)
     # A gone path that comes back is admitted again.
     shutil.move(tmp_path / "z.pod5", study.input / "incoming" / "z.pod5")
     assert study.cli("scan").returncode == 0
@@ -238,7 +235,7 @@ def assigned_folder(study, batch_id, worker_id, rels, token=None):
     for i, rel in enumerate(rels):
         name = f"{i:05d}_{Path(rel).name}"
         os.symlink(os.path.relpath(study.input / rel, folder), folder / name)
-        fid = next(r.file_identifier for r in Ledger(study.ledger).transact(
+        fid = next(r.file_identifier for r in study.ledger.transact(
             lambda c: c.execute(sa.select(models.Pod5File).where(models.Pod5File.rel_path == rel)).all()))
         files.append({"link": name, "rel": rel, "file_identifier": fid})
     (folder / ".batch.json").write_text(json.dumps({"batch_id": batch_id, "token": token, "worker_id": worker_id,
@@ -247,8 +244,8 @@ def assigned_folder(study, batch_id, worker_id, rels, token=None):
 
 
 def test_a_file_linked_from_two_assigned_folders_belongs_to_the_newest_claim_only(tmp_path):
-    study = Study(tmp_path, 3, 3, lease="3s")
-    ledger = Ledger(study.ledger)
+    study = make_study(tmp_path, 3, 3, lease="3s")
+    ledger = study.ledger
     settings = ledger.read_settings()
     zombie = claim.claim_batch(ledger, "zombie", settings)
     rels = [f.rel for f in zombie.files]
@@ -258,15 +255,15 @@ def test_a_file_linked_from_two_assigned_folders_belongs_to_the_newest_claim_onl
     assert sorted(f.rel for f in live.files) == sorted(rels) and live.batch_id > zombie.batch_id
     assigned_folder(study, live.batch_id, "live", rels, getattr(live, "token", None))
 
-    study.ledger.write_bytes(os.urandom(8192))
+    study.ledger_path.write_bytes(os.urandom(8192))
     rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert rebuilt.returncode == 0, rebuilt.stderr
     for rel in rels:
         assert f"ASSIGNED_{zombie.batch_id}_zombie: {rel} is also in batch {live.batch_id}, the newer claim: left to it" \
             in rebuilt.stdout, rebuilt.stdout
-    assert {b: sorted(r) for b, r in running(study.ledger).items()} == {live.batch_id: sorted(rels)}
+    assert {b: sorted(r) for b, r in running(study.ledger_path).items()} == {live.batch_id: sorted(rels)}
     assert not old.exists()
-    assert_verified(study.ledger)
+    assert_verified(study.ledger_path)
     # Nobody runs batch `live`: it expires, the watchman reclaims it, the work is done once.
     done = study.cli("run", "--worker-id", "rescuer")
     assert done.returncode == 0, done.stderr
@@ -289,7 +286,7 @@ class ClaimingLedger(Ledger):
 
 
 def test_recover_never_marks_a_file_claimed_meanwhile_done(tmp_path):
-    study = Study(tmp_path, 2, 1)
+    study = make_study(tmp_path, 2, 1)
     assert study.cli("run", "--worker-id", "w", "--max-batches", "1").returncode == 0
     (pending,) = [rel for rel, (s, _b) in study.files().items() if s == models.PENDING]
     (done,) = [rel for rel, (s, _b) in study.files().items() if s == models.DONE]
@@ -297,7 +294,7 @@ def test_recover_never_marks_a_file_claimed_meanwhile_done(tmp_path):
     target = study.output / "pass" / (pending[: -len(".pod5")] + ".fastq")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(study.output / "pass" / (done[: -len(".pod5")] + ".fastq"), target)
-    ledger = ClaimingLedger(study.ledger, Ledger(study.ledger).read_settings())
+    ledger = ClaimingLedger(study.ledger_path, study.ledger.read_settings())
     janitor.recover(ledger)
     assert ledger.claimed is not None and [f.rel for f in ledger.claimed.files] == [pending]
     assert study.files()[pending] == (models.CLAIMED, ledger.claimed.batch_id), "a just-claimed file was marked done"
@@ -306,7 +303,7 @@ def test_recover_never_marks_a_file_claimed_meanwhile_done(tmp_path):
 # -- found by reading: recover --force during a run ---------------------------------------------------------------
 @pytest.mark.slow
 def test_recover_force_during_a_run_fails_no_good_file(tmp_path):
-    study = Study(tmp_path, 3, 3, lease="20s", delay=4, init_args=("--max-attempts", "1"))
+    study = make_study(tmp_path, 3, 3, lease="20s", delay=4, init_args=("--max-attempts", "1"))
     worker = study.start_worker("alive")
     folder = wait_mid_batch(study, worker, "alive")
     batch_id = int(folder.name.split("_")[1])
@@ -314,8 +311,8 @@ def test_recover_force_during_a_run_fails_no_good_file(tmp_path):
     assert forced.returncode == 0, forced.stderr
     assert f"left batch {batch_id} of alive running: its lease was renewed" in forced.stdout, forced.stdout
     assert "reclaimed" not in forced.stdout
-    assert worker.wait(timeout=120) == 0, study.log_of("alive")
-    log = study.log_of("alive")
+    assert worker.wait(timeout=120) == 0, study.worker_log("alive")
+    log = study.worker_log("alive")
     assert "fenced" not in log and "Traceback" not in log, log
     state = study.files()
     assert {s for s, _b in state.values()} == {models.DONE}
@@ -371,14 +368,14 @@ def test_a_claim_the_rebuild_never_saw_is_fenced_even_when_its_batch_id_is_hande
     """The old ledger is unreadable and a claim left no trace on disk yet (its worker froze before making its
     folder): the rebuilt ledger may hand its batch id out again. The fencing token is the id and a random
     nonce, so the zombie can neither heartbeat nor publish over the new claim, even with the same worker id."""
-    study = Study(tmp_path, 2, 1)
-    ledger = Ledger(study.ledger)
+    study = make_study(tmp_path, 2, 1)
+    ledger = study.ledger
     settings = ledger.read_settings()
     zombie = claim.claim_batch(ledger, "job_7@node", settings)
-    study.ledger.write_bytes(os.urandom(8192))
+    study.ledger_path.write_bytes(os.urandom(8192))
     rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert rebuilt.returncode == 0, rebuilt.stderr
-    ledger = Ledger(study.ledger)
+    ledger = study.ledger
     fresh = claim.claim_batch(ledger, "job_7@node", settings)  # a requeued task: same worker id
     assert fresh.batch_id == zombie.batch_id and fresh.token != zombie.token
     with pytest.raises(claim.NotOwner):
@@ -393,7 +390,7 @@ def test_a_rebuild_removes_half_made_claims_and_adopts_an_older_versions_folder_
     """A hidden `.ASSIGNED_*.tmp-*` folder is a claim whose folder was never completed: removed, its files
     pending. A folder without a manifest (made by an older ledgerbc) is adopted by its links, with no
     fencing nonce: only a worker of that older version (which has none either) can still publish it."""
-    study = Study(tmp_path, 4, 2)
+    study = make_study(tmp_path, 4, 2)
     rels = sorted(study.files())
     half = study.output / "work" / ".ASSIGNED_7_w1.tmp-0123abcd"
     half.mkdir(parents=True)
@@ -402,7 +399,7 @@ def test_a_rebuild_removes_half_made_claims_and_adopts_an_older_versions_folder_
     old.mkdir()
     for i, rel in enumerate(rels[2:]):
         os.symlink(os.path.relpath(study.input / rel, old), old / f"{i:05d}_{Path(rel).name}")
-    study.ledger.unlink()
+    study.ledger_path.unlink()
     rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert ".ASSIGNED_7_w1.tmp-0123abcd: a claim whose folder was never completed, removed" in rebuilt.stdout
@@ -410,6 +407,6 @@ def test_a_rebuild_removes_half_made_claims_and_adopts_an_older_versions_folder_
             "its links without a fencing nonce)") in rebuilt.stdout
     assert "new batch ids start above 7" in rebuilt.stdout
     assert not half.exists()
-    assert {b: sorted(r) for b, r in running(study.ledger).items()} == {5: rels[2:]}
-    assert Ledger(study.ledger).transact(lambda c: c.execute(sa.select(Batch.token).where(Batch.id == 5)).scalar()) is None
+    assert {b: sorted(r) for b, r in running(study.ledger_path).items()} == {5: rels[2:]}
+    assert study.ledger.transact(lambda c: c.execute(sa.select(Batch.token).where(Batch.id == 5)).scalar()) is None
     assert {rel: s for rel, (s, _b) in study.files().items() if rel in rels[:2]} == {r: models.PENDING for r in rels[:2]}

@@ -12,19 +12,12 @@ import pytest
 import sqlalchemy as sa
 
 from ledgerbc import models
-from ledgerbc.db import Ledger
 from ledgerbc.models import Event
-from recovery_helpers import Study, check_exactly_once, children_of, kill_leftovers, pod5_reads
+from helpers import check_exactly_once, children_of, make_study, pod5_reads
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_stray_processes")]
 
 LEASE = "4s"  # + 1 s clock skew: a batch silent for 5 s expires
-
-
-@pytest.fixture(autouse=True)
-def no_stray_processes(tmp_path):
-    yield
-    kill_leftovers(str(tmp_path))
 
 
 def wait_for(predicate, what: str, timeout: float = 90):
@@ -41,12 +34,12 @@ def batch_of(study, worker_id) -> int:
 
 
 def events_of(study, kind, batch_id):
-    return Ledger(study.ledger).transact(lambda c: c.execute(
+    return study.ledger.transact(lambda c: c.execute(
         sa.select(Event.worker_id).where(Event.kind == kind, Event.batch_id == batch_id)).scalars().all())
 
 
 def fenced_once(study, worker_id, batch_id):
-    log = study.log_of(worker_id)
+    log = study.worker_log(worker_id)
     assert "Traceback" not in log, log
     said = [line for line in log.splitlines() if "fenced" in line]
     assert said == [line for line in log.splitlines() if f"batch {batch_id} was taken back" in line], log
@@ -55,7 +48,7 @@ def fenced_once(study, worker_id, batch_id):
 
 @pytest.mark.parametrize("frozen", ["worker", "worker-and-dorado"])
 def test_a_worker_frozen_past_its_lease_and_resumed_after_its_batch_was_redone_publishes_nothing(tmp_path, frozen):
-    study = Study(tmp_path, 6, 3, lease=LEASE, delay=2)
+    study = make_study(tmp_path, 6, 3, lease=LEASE, delay=2)
     zombie = study.start_worker("zombie")
     batch_id = batch_of(study, "zombie")
     dorado = wait_for(lambda: children_of(zombie.pid), "the zombie's dorado")
@@ -64,13 +57,13 @@ def test_a_worker_frozen_past_its_lease_and_resumed_after_its_batch_was_redone_p
         os.kill(pid, signal.SIGSTOP)
     try:
         helper = study.start_worker("helper")  # drains the rest, reclaims the silent batch, redoes it, leaves
-        assert helper.wait(timeout=120) == 0, study.log_of("helper")
+        assert helper.wait(timeout=120) == 0, study.worker_log("helper")
     finally:
         for pid in reversed(stopped):  # dorado first: the worker finds it running (or finished), as after a real freeze
             os.kill(pid, signal.SIGCONT)
     assert events_of(study, "batch-reclaimed", batch_id) and not events_of(study, "batch-done", batch_id)
     before = study.outputs()
-    assert zombie.wait(timeout=120) == 0, study.log_of("zombie")
+    assert zombie.wait(timeout=120) == 0, study.worker_log("zombie")
     fenced_once(study, "zombie", batch_id)
     assert study.outputs() == before, "the resumed zombie published"
     assert not events_of(study, "batch-done", batch_id)
@@ -79,7 +72,7 @@ def test_a_worker_frozen_past_its_lease_and_resumed_after_its_batch_was_redone_p
 
 
 def test_recover_force_mid_run_takes_the_frozen_batch_without_an_attempt_and_leaves_the_live_one(tmp_path):
-    study = Study(tmp_path, 6, 3, lease="30s", delay=3, init_args=("--max-attempts", "1"))
+    study = make_study(tmp_path, 6, 3, lease="30s", delay=3, init_args=("--max-attempts", "1"))
     zombie = study.start_worker("zombie")
     frozen_batch = batch_of(study, "zombie")
     wait_for(lambda: children_of(zombie.pid), "the zombie's dorado")
@@ -96,10 +89,10 @@ def test_recover_force_mid_run_takes_the_frozen_batch_without_an_attempt_and_lea
     lines = forced.stdout.splitlines()
     assert f"reclaimed batch {frozen_batch}" in lines, forced.stdout
     assert any(re.match(r"left batch \d+ of helper running: its lease was renewed \d+s ago", line) for line in lines), forced.stdout
-    assert zombie.wait(timeout=120) == 0, study.log_of("zombie")
-    assert helper.wait(timeout=120) == 0, study.log_of("helper")
+    assert zombie.wait(timeout=120) == 0, study.worker_log("zombie")
+    assert helper.wait(timeout=120) == 0, study.worker_log("helper")
     fenced_once(study, "zombie", frozen_batch)
-    assert "Traceback" not in study.log_of("helper") and "fenced" not in study.log_of("helper")
+    assert "Traceback" not in study.worker_log("helper") and "fenced" not in study.worker_log("helper")
     # --force counted no attempt: with --max-attempts 1 a counted one would have failed good files.
     assert {s for s, _b in study.files().values()} == {models.DONE}
     check_exactly_once(pod5_reads(study.input), study.output)

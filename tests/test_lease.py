@@ -76,8 +76,8 @@ def test_heartbeat_goes_to_the_ledger_every_half_lease_and_finds_a_fence(clocked
     beat.beat()
     assert ledger_beat_at() == claimed_at + 2 * HEARTBEAT_S  # this one went to the ledger
 
-    # The batch is taken away (forced recover): the next ledger beat raises NotOwner.
-    janitor.Janitor(wl, clocked_study.settings).run_pass(one_shot=True, force=True)
+    # The batch is taken away (reclaimed whatever its lease says): the next ledger beat raises NotOwner.
+    janitor.reclaim(wl, clocked_study.settings, batch.batch_id, janitor.JanitorReport(), reason="taken away by the test")
     clocked_study.clock.advance(HEARTBEAT_S)
     beat.beat()  # a lease-file beat cannot know
     beat.last_ledger = time.monotonic() - beat.every

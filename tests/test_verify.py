@@ -12,35 +12,31 @@ import pytest
 import sqlalchemy as sa
 
 from ledgerbc import models
-from ledgerbc.db import Ledger
 from ledgerbc.settings import Settings
 from ledgerbc.verify import verify
-from recovery_helpers import Study, check_exactly_once, kill_leftovers, pod5_reads
+from helpers import Study, check_exactly_once, kill_leftovers, make_study, pod5_reads
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished study (8 files, pass and fail outputs), copied afresh for each test that damages it."""
     tmp = tmp_path_factory.mktemp("verify")
-    study = Study(tmp, 8, 3, init_args=("--min-qscore", "10"))
-    done = study.cli("run", "--worker-id", "w")
-    assert done.returncode == 0, done.stderr
-    kill_leftovers(str(tmp))
+    study = make_study(tmp, 8, 3, init_args=("--min-qscore", "10"))
+    try:
+        study.cli("run", "--worker-id", "w", check=True)
+    finally:
+        kill_leftovers(str(tmp))
     return study
 
 
 @pytest.fixture
 def study(finished, tmp_path):
     """A private copy of the finished study (folders and ledger), same layout."""
-    copy = Study.__new__(Study)
-    copy.__dict__.update(finished.__dict__)
-    copy.tmp = tmp_path
-    copy.input = tmp_path / "in"
-    copy.output = tmp_path / "out"
-    copy.ledger = copy.output / "ledgerbc.db"
+    copy = Study(tmp_path, **{k[len("LEDGERBC_SIM_"):].lower(): v for k, v in finished.sim.items()})
+    shutil.rmtree(copy.input)
     shutil.copytree(finished.input, copy.input, symlinks=True)
     shutil.copytree(finished.output, copy.output, symlinks=True)
-    conn = sqlite3.connect(copy.ledger)  # the settings point at the original folders: point them here
+    conn = sqlite3.connect(copy.ledger_path)  # the settings point at the original folders: point them here
     conn.execute("UPDATE settings SET value = ? WHERE key = 'input_dir'", (f'"{copy.input}"',))
     conn.execute("UPDATE settings SET value = ? WHERE key = 'output_dir'", ('"."',))
     conn.commit()
@@ -48,7 +44,6 @@ def study(finished, tmp_path):
     recorded = Settings.read_json(copy.output)  # and so does ledgerbc.settings.json, which a rebuild checks
     recorded.input_dir, recorded.output_dir = str(copy.input), str(copy.output)
     recorded.write_json()
-    copy.env = dict(finished.env, LEDGERBC_LEDGER=str(copy.ledger))
     return copy
 
 
@@ -66,7 +61,7 @@ def outputs(study, kind):
 def test_verify_exits_0_on_a_finished_run(study):
     code, lines = violations(study, "--deep")
     assert (code, lines) == (0, [])
-    report = verify(Ledger(study.ledger), deep=True)
+    report = verify(study.ledger, deep=True)
     assert report.ok and report.done == 8 and report.outputs >= 16
 
 
@@ -95,7 +90,7 @@ def lines_bytes(study, path):
 
 def recorded(study, path):
     rel = path.relative_to(study.output).as_posix()
-    return Ledger(study.ledger).transact(lambda c: c.execute(
+    return study.ledger.transact(lambda c: c.execute(
         sa.select(models.Output).where(models.Output.path == rel)).one())
 
 
@@ -110,7 +105,7 @@ def test_verify_deep_finds_a_read_of_another_file_that_the_checksums_cannot(stud
     victim.write_text("\n".join([lines[0].replace(own_id, donor_id, 1)] + lines[1:]))
     data = victim.read_bytes()
     rel = victim.relative_to(study.output).as_posix()
-    Ledger(study.ledger).transact(lambda c: c.execute(sa.update(models.Output).where(models.Output.path == rel).values(
+    study.ledger.transact(lambda c: c.execute(sa.update(models.Output).where(models.Output.path == rel).values(
         bytes=len(data), checksum=f"crc32:{zlib.crc32(data):08x}")))
     assert violations(study) == (0, [])
     code, found = violations(study, "--deep")
@@ -124,7 +119,7 @@ def test_verify_deep_finds_a_read_of_another_file_that_the_checksums_cannot(stud
 def test_verify_finds_outputs_of_a_file_that_is_not_done_and_files_the_ledger_does_not_know(study):
     some = outputs(study, "pass")[0]
     rel = some.relative_to(study.output / "pass").as_posix()[: -len(".fastq")] + ".pod5"
-    Ledger(study.ledger).transact(lambda c: c.execute(sa.update(models.Pod5File).where(models.Pod5File.rel_path == rel)
+    study.ledger.transact(lambda c: c.execute(sa.update(models.Pod5File).where(models.Pod5File.rel_path == rel)
                                                        .values(state=models.PENDING)))
     shutil.copy(some, study.output / "pass" / "stray.fastq")
     code, lines = violations(study)
@@ -135,7 +130,7 @@ def test_verify_finds_outputs_of_a_file_that_is_not_done_and_files_the_ledger_do
 
 
 def test_verify_finds_a_file_claimed_outside_a_running_batch_and_a_pod5_published_twice(study):
-    led = Ledger(study.ledger)
+    led = study.ledger
     rows = led.transact(lambda c: c.execute(sa.select(models.Pod5File).order_by(models.Pod5File.id)).all())
     a, b = rows[0], rows[1]
     led.transact(lambda c: (
@@ -154,7 +149,7 @@ def test_an_old_ledger_without_outputs_rows_and_a_tree_without_summaries_are_upg
     before = {p.relative_to(study.output).as_posix(): sorted(p.read_text().splitlines())
               for p in (study.output / "summary").rglob("*.tsv")}
     shutil.rmtree(study.output / "summary")
-    Ledger(study.ledger).transact(lambda c: c.execute(sa.delete(models.Output)))
+    study.ledger.transact(lambda c: c.execute(sa.delete(models.Output)))
     code, lines = violations(study)
     assert code == 12 and len(lines) == 8, lines  # one line per file, naming the fix
     assert all("done, but the ledger records no outputs for it" in line and "`ledgerbc recover`" in line for line in lines)
@@ -170,7 +165,7 @@ def test_an_old_ledger_without_outputs_rows_and_a_tree_without_summaries_are_upg
 
 def test_a_rebuild_of_a_tree_without_summaries_writes_them_and_verifies(study):
     shutil.rmtree(study.output / "summary")
-    study.ledger.unlink()
+    study.ledger_path.unlink()
     rebuilt = study.cli("recover", "--rebuild", "--input", study.input, "--output", study.output)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "8 pod5 files found, 8 already published" in rebuilt.stdout
