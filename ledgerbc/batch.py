@@ -295,7 +295,7 @@ class BatchRun:
     def publish(self, links, result: split.SplitResult, results: list[claim.FileResult]) -> str:
         crew = self.crew
         installer = installer_for(crew.layout, crew.settings.emit, result, {r.rel for r in results if r.ok}, links,
-                                  crew.ledger.check_lock_trusted)
+                                  crew.ledger.check_lock_trusted, barcoded=crew.settings.kit_name is not None)
         provenance = dict(model=",".join(result.models) or modelplan.model_for(crew.settings, self.batch.chemistry),
                           dorado_version=result.dorado_version, gpus=crew.gpus)
         self.next = crew.patiently(
@@ -381,12 +381,17 @@ class BatchRun:
 
 
 def installer_for(layout: Layout, emit: str, result: split.SplitResult, ok_rels: set[str], links,
-                  check_lock=None) -> Installer:
+                  check_lock=None, barcoded: bool | None = None) -> Installer:
     """The renames that publish the good files of a split: fail/ outputs, then pass/, then summaries; and
-    the outputs an earlier, interrupted attempt left for those files that this one does not replace."""
+    the outputs an earlier, interrupted attempt left for those files that this one does not replace.
+
+    Only a barcoded study (`barcoded`; by default: the split wrote per-barcode outputs) has `<barcode>`
+    folders: unbarcoded, `pass/a/<rel>` is the output of the input `a/<rel>`, never a stale one of `<rel>`."""
     steps = {kind: [] for kind in split.PUBLISH_ORDER}
     stale = []
-    barcodes = layout.barcode_dirs()
+    if barcoded is None:
+        barcoded = any(w.barcode is not None for out in result.files.values() for w in out.written.values())
+    barcodes = layout.barcode_dirs() if barcoded else ()
     for name, f in links.items():
         if f.rel not in ok_rels:
             continue

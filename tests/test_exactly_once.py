@@ -410,3 +410,15 @@ def test_a_rebuild_removes_half_made_claims_and_adopts_an_older_versions_folder_
     assert {b: sorted(r) for b, r in running(study.ledger_path).items()} == {5: rels[2:]}
     assert study.ledger.transact(lambda c: c.execute(sa.select(Batch.token).where(Batch.id == 5)).scalar()) is None
     assert {rel: s for rel, (s, _b) in study.files().items() if rel in rels[:2]} == {r: models.PENDING for r in rels[:2]}
+
+
+def test_publishing_one_input_never_removes_the_output_of_another_in_a_nested_folder_of_the_same_name(tmp_path):
+    """Unbarcoded, `pass/a/a/x.fastq` is the output of input `a/a/x.pod5`, not an old per-barcode output of
+    `a/x.pod5` (folder `a` under pass/ is no barcode): publishing `a/x.pod5` must leave it alone."""
+    study = make_study(tmp_path, 0, 1, prepare=lambda root: write_pod5(root / "a" / "a" / "x.pod5", 4, seed=1))
+    study.cli("run", "--worker-id", "first", check=True)
+    write_pod5(study.input / "a" / "x.pod5", 4, seed=2)
+    study.cli("scan", check=True)
+    study.cli("run", "--worker-id", "second", check=True)
+    assert (study.output / "pass" / "a" / "a" / "x.fastq").is_file(), "the other input's published output was removed"
+    check_exactly_once(pod5_reads(study.input), study.output)

@@ -171,3 +171,49 @@ def test_a_rebuild_of_a_tree_without_summaries_writes_them_and_verifies(study):
     assert "8 pod5 files found, 8 already published" in rebuilt.stdout
     assert len(list((study.output / "summary").rglob("*.tsv"))) == 8
     check_exactly_once(pod5_reads(study.input), study.output)
+
+
+def test_what_is_published_for_a_barcoded_input_reads_back_as_the_publication_recorded_it(tmp_path):
+    """Barcoded (`kit_name`): outputs per barcode, the summary is the done marker. `published.read` (what
+    reclaim, reconcile and rebuild record) gives back, for each input, the very outputs rows the publication
+    recorded: kind, barcode, path, reads, bases, bytes, crc32."""
+    import os
+    import subprocess
+
+    from ledgerbc import published, split
+    from ledgerbc.batch import installer_for
+    from ledgerbc.claim import ClaimedFile
+    from ledgerbc.layout import Layout, link_name
+    from ledgerbc.testkit import install_fake_dorado
+    from ledgerbc.testkit.synth import make_dataset
+
+    kit = "SQK-NBD114-24"
+    make_dataset(tmp_path / "input", 3, seed=5, hostile_names=False)
+    settings = Settings(input_dir=str(tmp_path / "input"), output_dir=str(tmp_path / "output"), kit_name=kit,
+                        min_qscore=10.0)
+    layout = Layout(tmp_path / "output")
+    assigned = tmp_path / "output" / "work" / "ASSIGNED_1_w"
+    assigned.mkdir(parents=True)
+    rels = sorted(p.relative_to(tmp_path / "input").as_posix() for p in (tmp_path / "input").rglob("*.pod5"))
+    links = {link_name(i, rel): ClaimedFile(rel, None, 0) for i, rel in enumerate(rels)}
+    for name, f in links.items():
+        os.symlink(tmp_path / "input" / f.rel, assigned / name)
+    staging = layout.staging(1, "t")
+    staging.mkdir(parents=True)
+    with open(staging / "calls.bam", "wb") as out:
+        subprocess.run([str(install_fake_dorado(tmp_path / "bin")), "basecaller", "hac", str(assigned),
+                        "--kit-name", kit], stdout=out, stderr=subprocess.DEVNULL, check=True, timeout=120)
+    result = split.split_bam(staging / "calls.bam", {n: f.rel for n, f in links.items()}, staging,
+                             min_qscore=10.0, kit_name=kit)
+    assert len(layout.barcode_dirs()) == 0
+    installer_for(layout, "fastq", result, set(rels), links).run()
+    assert len(layout.barcode_dirs()) > 1, "the stand-in gave every read one barcode: nothing per barcode tested"
+    for name, f in links.items():
+        recorded = sorted(result.files[name].records(), key=lambda o: o.path)
+        assert published.done_marker(layout, settings, f.rel) == layout.summary_path(f.rel)
+        got = published.read(layout, settings, f.rel)
+        assert got is not None and not got.regenerated
+        assert sorted(got.outputs, key=lambda o: o.path) == recorded
+        assert (got.reads_pass, got.reads_fail) == (result.files[name].reads_pass, result.files[name].reads_fail)
+    layout.summary_path(rels[0]).unlink()  # the done marker of a barcoded input: without it, not published
+    assert published.read(layout, settings, rels[0]) is None
