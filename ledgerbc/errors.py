@@ -81,6 +81,7 @@ class StorageFull(LedgerError):
         self.folder = folder
         self.ledger = ledger
 
+
 class NotFinished(LedgerError):
     """`finalize` without --partial while files are still pending, claimed or waiting."""
 
