@@ -380,7 +380,7 @@ def recover(ledger_path, rebuild, input_dir, output_dir, force):
 def verify(ctx, ledger_path, deep):
     """Check the ledger against the outputs on disk, changing nothing (run it before deleting raw data).
 
-    One line per violation, `<rel path>: <what is wrong>`; exit 0 only when every invariant holds, 13 otherwise.
+    One line per violation, `<rel path>: <what is wrong>`; exit 0 only when every invariant holds, 14 otherwise.
     """
     from . import verify as verify_mod
 

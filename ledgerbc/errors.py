@@ -1,6 +1,7 @@
 """Every error a user can meet: one line saying what happened and which command fixes it.
 
 The CLI prints `Error: <message>` and exits with `exit_code`; the codes are documented in the README.
+`ledgerbc verify` finding violations is not an error but an answer: it exits 14 (verify.EXIT_VIOLATIONS).
 """
 
 

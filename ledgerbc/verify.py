@@ -35,7 +35,7 @@ from . import published
 from .layout import Layout
 from .models import CLAIMED, DONE, DUPLICATE, FAIL, GONE, PASS, RUNNING, SUMMARY, Batch, Output, Pod5File
 
-EXIT_VIOLATIONS = 13  # (12 is finalize refusing: files not finished, or outputs damaged)
+EXIT_VIOLATIONS = 14  # (errors.py holds 1-13: 12 finalize refusing, 13 a worker with another dorado)
 READERS = 8  # threads checksumming outputs (file reads and crc32 release the GIL)
 PARALLEL_MIN_FILES = 200  # done files before --deep reads them in a process pool
 _NOT_PRIMARY = 0x900

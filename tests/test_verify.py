@@ -1,5 +1,5 @@
 """`ledgerbc verify [--deep]` (DESIGN §4 Verify): exit 0 on a finished run; one line per violation naming the
-input, exit 13, when an output is deleted, truncated, changed, holds a read of another file, belongs to a
+input, exit 14, when an output is deleted, truncated, changed, holds a read of another file, belongs to a
 file that is not done, or when the ledger contradicts itself; and the upgrade path: a ledger and output
 tree from before schema 0003 (no `outputs` rows, no summaries) is told to run `recover`, which records the
 outputs and writes the summaries from the outputs, after which verify holds.
@@ -74,7 +74,7 @@ def test_verify_names_the_file_whose_output_was_deleted_truncated_or_changed(stu
     data[-2] = ord("A") if data[-2] != ord("A") else ord("C")  # one base of one quality string: same size
     changed.write_bytes(bytes(data))
     code, lines = violations(study)
-    assert code == 13
+    assert code == 14
     rel = {p: p.relative_to(study.output / "pass").as_posix()[: -len(".fastq")] + ".pod5" for p in (deleted, truncated, changed)}
     assert lines == sorted([
         f"{rel[deleted]}: pass/{rel[deleted][:-5]}.fastq is missing",
@@ -110,7 +110,7 @@ def test_verify_deep_finds_a_read_of_another_file_that_the_checksums_cannot(stud
     assert violations(study) == (0, [])
     code, found = violations(study, "--deep")
     name = rel[len("pass/"):-len(".fastq")] + ".pod5"
-    assert code == 13
+    assert code == 14
     assert f"{name}: its outputs hold 1 reads of another pod5 (e.g. {donor_id})" in found, found
     assert f"{name}: 1 of its " in "\n".join(found)  # its own read is now missing
     assert all(line.startswith(f"{name}: ") for line in found), found
@@ -123,7 +123,7 @@ def test_verify_finds_outputs_of_a_file_that_is_not_done_and_files_the_ledger_do
                                                        .values(state=models.PENDING)))
     shutil.copy(some, study.output / "pass" / "stray.fastq")
     code, lines = violations(study)
-    assert code == 13
+    assert code == 14
     assert f"{rel}: pending, but the ledger records outputs for it" in lines
     assert f"{rel}: pending, but pass/{rel[:-5]}.fastq is published for it" in lines
     assert "stray.pod5: pass/stray.fastq is published for it, but the ledger does not know this pod5" in lines
@@ -138,7 +138,7 @@ def test_verify_finds_a_file_claimed_outside_a_running_batch_and_a_pod5_publishe
         c.execute(sa.update(models.Pod5File).where(models.Pod5File.id == b.id).values(file_identifier=rows[2].file_identifier)),
     ))
     code, lines = violations(study)
-    assert code == 13
+    assert code == 14
     assert f"{a.rel_path}: claimed by batch {a.batch_id}, which is done, not running" in lines
     assert f"{b.rel_path}: the same pod5 is also published as {rows[2].rel_path}: its reads twice" in lines
 
@@ -151,7 +151,7 @@ def test_an_old_ledger_without_outputs_rows_and_a_tree_without_summaries_are_upg
     shutil.rmtree(study.output / "summary")
     study.ledger.transact(lambda c: c.execute(sa.delete(models.Output)))
     code, lines = violations(study)
-    assert code == 13 and len(lines) == 8, lines  # one line per file, naming the fix
+    assert code == 14 and len(lines) == 8, lines  # one line per file, naming the fix
     assert all("done, but the ledger records no outputs for it" in line and "`ledgerbc recover`" in line for line in lines)
     recovered = study.cli("recover")
     assert recovered.returncode == 0, recovered.stderr
