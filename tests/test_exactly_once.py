@@ -18,7 +18,7 @@ from ledgerbc import claim, janitor, models
 from ledgerbc.db import Ledger
 from ledgerbc.models import Batch
 from ledgerbc.testkit.synth import write_pod5
-from helpers import assert_verified, check_exactly_once, children_of, make_study, pod5_reads
+from helpers import assert_verified, check_exactly_once, basecallers_of, make_study, pod5_reads
 
 
 pytestmark = pytest.mark.usefixtures("no_stray_processes")
@@ -37,7 +37,7 @@ def running(ledger_path) -> dict[int, list[str]]:
 
 def wait_mid_batch(study, worker, worker_id):
     deadline = time.monotonic() + 60
-    while not (assigned := list((study.output / "work").glob(f"ASSIGNED_*_{worker_id}"))) or not children_of(worker.pid):
+    while not (assigned := list((study.output / "work").glob(f"ASSIGNED_*_{worker_id}"))) or not basecallers_of(worker.pid):
         assert time.monotonic() < deadline and worker.poll() is None, study.worker_log(worker_id)
         time.sleep(0.1)
     return assigned[0]

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from ledgerbc import models
 from ledgerbc.models import Event
-from helpers import check_exactly_once, children_of, make_study, pod5_reads
+from helpers import check_exactly_once, basecallers_of, make_study, pod5_reads
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_stray_processes")]
 
@@ -51,7 +51,7 @@ def test_a_worker_frozen_past_its_lease_and_resumed_after_its_batch_was_redone_p
     study = make_study(tmp_path, 6, 3, lease=LEASE, delay=2)
     zombie = study.start_worker("zombie")
     batch_id = batch_of(study, "zombie")
-    dorado = wait_for(lambda: children_of(zombie.pid), "the zombie's dorado")
+    dorado = wait_for(lambda: basecallers_of(zombie.pid), "the zombie's dorado")
     stopped = [zombie.pid] + (dorado if frozen == "worker-and-dorado" else [])
     for pid in stopped:
         os.kill(pid, signal.SIGSTOP)
@@ -75,12 +75,12 @@ def test_recover_force_mid_run_takes_the_frozen_batch_without_an_attempt_and_lea
     study = make_study(tmp_path, 6, 3, lease="30s", delay=3, init_args=("--max-attempts", "1"))
     zombie = study.start_worker("zombie")
     frozen_batch = batch_of(study, "zombie")
-    wait_for(lambda: children_of(zombie.pid), "the zombie's dorado")
+    wait_for(lambda: basecallers_of(zombie.pid), "the zombie's dorado")
     os.kill(zombie.pid, signal.SIGSTOP)
     try:
         helper = study.start_worker("helper")
         batch_of(study, "helper")
-        wait_for(lambda: children_of(helper.pid), "the helper's dorado")
+        wait_for(lambda: basecallers_of(helper.pid), "the helper's dorado")
         time.sleep(4)  # the frozen worker's lease goes stale (its lease file is no longer renewed)
         forced = study.cli("recover", "--force")
     finally:
