@@ -182,6 +182,10 @@ def open_ledger(ledger_path):
 @opt("--min-qscore", default=0.0, show_default=True, type=float, help="Reads below go to fail/.")
 @opt("--emit", type=click.Choice(["fastq", "fastq.gz", "bam"]), default="fastq", show_default=True,
      help="Output format of pass/ and fail/ files (bam keeps every dorado tag).")
+@opt("--kit-name", default=None, help="Barcoding kit (dorado's exact name): dorado classifies reads while it "
+     "basecalls; outputs go to pass|fail/<barcode>/.")
+@opt("--sample-sheet", type=click.Path(path_type=Path), default=None,
+     help="dorado sample sheet (CSV) naming aliases for barcodes; init keeps a copy in OUTPUT_DIR.")
 @opt("--dorado", default="dorado", show_default=True, help="The dorado executable.")
 @opt("--dorado-arg", "dorado_args", multiple=True, help="Extra argument for dorado (repeatable).")
 @opt("--models-directory", default=None, help="dorado --models-directory (GPU nodes are often offline).")
@@ -190,8 +194,8 @@ def open_ledger(ledger_path):
 @opt("--allow-dorado-upgrade", is_flag=True,
      help="Let workers with a newer dorado than the study's join (default: they refuse, exit 13).")
 def init(input_dir, output_dir, ledger_path, models, batch_files, batch_size, lease, heartbeat, clock_skew,
-         max_attempts, min_qscore, emit, dorado, dorado_args, models_directory, batch_timeout, settle,
-         allow_dorado_upgrade):
+         max_attempts, min_qscore, emit, kit_name, sample_sheet, dorado, dorado_args, models_directory, batch_timeout,
+         settle, allow_dorado_upgrade):
     """Create the ledger for INPUT_DIR's pod5 files, outputs under OUTPUT_DIR, and scan."""
     from .create import init_ledger
     from .modelplan import DEFAULT_MODEL, parse_model_option
@@ -203,7 +207,8 @@ def init(input_dir, output_dir, ledger_path, models, batch_files, batch_size, le
         chemistry_models=chemistry_models, allow_dorado_upgrade=allow_dorado_upgrade, batch_files=batch_files,
         batch_bytes=None if batch_files else batch_size, lease=lease, heartbeat=heartbeat, clock_skew=clock_skew,
         max_attempts=max_attempts, min_qscore=min_qscore, emit=emit, dorado=dorado, dorado_args=list(dorado_args),
-        models_directory=models_directory, batch_timeout=batch_timeout, settle=settle,
+        models_directory=models_directory, batch_timeout=batch_timeout, settle=settle, kit_name=kit_name,
+        sample_sheet=str(sample_sheet) if sample_sheet else None,
     )
     with scanning() as update:
         path, report, warnings = init_ledger(settings, ledger_path, progress=update)

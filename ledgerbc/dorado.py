@@ -24,6 +24,10 @@ def build_argv(settings, assigned_dir: Path, device: str | None, executable: str
         argv += ["--device", device]
     if settings.models_directory:
         argv += ["--models-directory", settings.models_directory]
+    if settings.kit_name:  # dorado classifies barcodes while it basecalls: BC:Z on every classified record
+        argv += ["--kit-name", settings.kit_name]
+        if settings.sample_sheet:
+            argv += ["--sample-sheet", str(settings.sample_sheet_path)]
     return argv + list(settings.dorado_args)
 
 

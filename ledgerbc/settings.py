@@ -9,8 +9,10 @@ from pathlib import Path
 
 from .errors import BadInput
 
-SETTINGS_FILE = "ledgerbc.settings.json"
 from .layout import EMITS as EMIT_CHOICES
+
+SETTINGS_FILE = "ledgerbc.settings.json"
+SAMPLE_SHEET_COPY = "ledgerbc.sample_sheet.csv"  # init's copy of --sample-sheet, in OUTPUT_DIR
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Settings:
         refused = dorado.refused_args(self.dorado_args) + modelplan.problems(self.model, self.chemistry_models or {})
         if refused:
             raise BadInput("\n".join(refused))  # one line each: the CLI prints each as its own `Error:` line
+        self._check_barcoding()
         warnings = []
         if self.lease < 3 * self.heartbeat:
             warnings.append("--lease is less than 3 heartbeats: one slow ledger write may expire a live batch.")
@@ -69,6 +72,33 @@ class Settings:
         if self.clock_skew < 5:
             warnings.append("--clock-skew under 5s: nodes whose clocks drift may lose live batches.")
         return warnings
+
+    def _check_barcoding(self) -> None:
+        """--kit-name as dorado accepts it (exact case), --sample-sheet only with it. (`--dorado-arg --kit-name`
+        and `--sample-sheet` are refused with the other contract-breaking arguments: dorado.refused_args.)"""
+        from .samplesheet import BARCODE_KITS
+
+        if self.kit_name is not None and self.kit_name not in BARCODE_KITS:
+            near = [k for k in BARCODE_KITS if k.upper() == self.kit_name.upper()]
+            hint = f" (kit names are case-sensitive: {near[0]})" if near else ""
+            raise BadInput(f"--kit-name {self.kit_name!r} is not a barcode kit dorado knows{hint}. Give one of "
+                           "the kit names `dorado basecaller --help` lists.")
+        if self.sample_sheet and not self.kit_name:
+            raise BadInput("--sample-sheet needs --kit-name: dorado reads the sheet only when it classifies "
+                           "barcodes. Give the kit too.")
+
+    @property
+    def barcoded(self) -> bool:
+        """Outputs per barcode (`--kit-name`): pass|fail/<barcode>/<rel>, the summary is the done marker."""
+        return self.kit_name is not None
+
+    @property
+    def sample_sheet_path(self) -> Path | None:
+        """init's copy of the sample sheet (stored relative to OUTPUT_DIR: any mount of it finds the copy)."""
+        if not self.sample_sheet:
+            return None
+        path = Path(self.sample_sheet)
+        return path if path.is_absolute() else self.output_path / path
 
     @property
     def output_path(self) -> Path:
