@@ -386,7 +386,9 @@ def installer_for(layout: Layout, emit: str, result: split.SplitResult, ok_rels:
     the outputs an earlier, interrupted attempt left for those files that this one does not replace.
 
     Only a barcoded study (`barcoded`; by default: the split wrote per-barcode outputs) has `<barcode>`
-    folders: unbarcoded, `pass/a/<rel>` is the output of the input `a/<rel>`, never a stale one of `<rel>`."""
+    folders: unbarcoded, `pass/a/<rel>` is the output of the input `a/<rel>`, never a stale one of `<rel>`;
+    and only an unbarcoded one has flat outputs: barcoded, `pass/a/<rel>` is barcode `a`'s output of `<rel>`,
+    and `pass/<rel>` never one of this input."""
     steps = {kind: [] for kind in split.PUBLISH_ORDER}
     stale = []
     if barcoded is None:
@@ -399,7 +401,7 @@ def installer_for(layout: Layout, emit: str, result: split.SplitResult, ok_rels:
         for written in out.written.values():
             steps[written.kind].append(Move(written.staged, layout.output / written.path))
         mine = {layout.output / w.path for w in out.written.values()}
-        stale += [p for p in layout.outputs_of(f.rel, emit, barcodes) if p not in mine]
+        stale += [p for p in layout.outputs_of(f.rel, emit, barcodes, flat=not barcoded) if p not in mine]
     return Installer([steps[kind] for kind in split.PUBLISH_ORDER], stale, check_lock)
 
 

@@ -13,6 +13,9 @@ SUMMARY_COLUMNS = (
     "filename", "read_id", "parent_read_id", "run_id", "channel", "mux", "start_time", "duration",
     "passes_filtering", "sequence_length_template", "mean_qscore_template", "num_samples", "barcode_arrangement",
 )
+# The <barcode> folder of reads without a barcode; also the `barcode_arrangement` of every summary row of an
+# unbarcoded study: pycoQC and NanoPlot take it as "no barcode" (docs/qc-clients.md).
+UNCLASSIFIED = "unclassified"
 _ASSIGNED = re.compile(r"^ASSIGNED_(\d+)_(.+)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 WORKER_ID_OK = re.compile(r"^[A-Za-z0-9._@:+-]+$")
@@ -86,11 +89,14 @@ class Layout:
         """Names of the <barcode> folders under pass/ and fail/ (a barcoded study's outputs)."""
         return sorted({e.name for top in (self.pass_dir, self.fail_dir) for e in entries(top) if is_dir(e)})
 
-    def outputs_of(self, rel: str, emit: str, barcodes=None) -> list[Path]:
-        """Every output file of input `rel` that exists on disk: pass/ and fail/ (per barcode in
-        `barcodes`), and its summary. File I/O (stat): never under the ledger lock on a big study."""
+    def outputs_of(self, rel: str, emit: str, barcodes=None, flat: bool = True) -> list[Path]:
+        """Every output file of input `rel` that exists on disk: pass/ and fail/ (unless not `flat`; per
+        barcode in `barcodes`), and its summary. File I/O (stat): never under the ledger lock on a big study.
+        A study is flat or barcoded, never both: `pass/<a>/<rel>` of a flat study is the output of input
+        `<a>/<rel>`, and `pass/<rel>` of a barcoded one may be barcode `<a>`'s output of another input."""
         out = output_relpath(rel, emit)
-        candidates = [self.pass_dir / out, self.fail_dir / out, self.summary_path(rel)]
+        candidates = [self.pass_dir / out, self.fail_dir / out] if flat else []
+        candidates.append(self.summary_path(rel))
         for barcode in barcodes or ():
             candidates += [self.pass_dir / barcode / out, self.fail_dir / barcode / out]
         return [p for p in candidates if p.is_file()]

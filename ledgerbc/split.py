@@ -11,9 +11,12 @@ from __future__ import annotations
 import datetime
 import gzip
 import os
+import re
 import resource
 import uuid
+import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +24,14 @@ import pysam
 
 from .claim import OutputRecord
 from .durable import fsync_dir
-from .layout import SUMMARY_COLUMNS, output_relpath, summary_relpath
+from .layout import SUMMARY_COLUMNS, UNCLASSIFIED, output_relpath, summary_relpath
 from .models import FAIL, PASS, SUMMARY
-from .writers import Background, OutputWriter
+from .writers import MAX_OPEN_FILES, Background, OutputWriter, parallel, sync_all
 
 EMITS = ("fastq", "fastq.gz", "bam")  # also the output file extensions
 PUBLISH_ORDER = (FAIL, PASS, SUMMARY)  # the publication's steps: the summary last (the done marker)
-UNCLASSIFIED = "unclassified"
+_SAFE_FOLDER = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]+$")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 # samtools fastq drops secondary (0x100) and supplementary (0x800) records: they repeat a read.
 _NOT_PRIMARY = 0x900
 _ERROR_PROB = 10.0 ** (-np.arange(256) / 10.0)
@@ -95,13 +99,19 @@ def read_qscore(record: pysam.AlignedSegment) -> float:
 
 
 def barcode_folder(bc: str | None, kit: str | None) -> str:
-    """The `<barcode>` folder of a record's `BC:Z:` value: `barcodeNN` for dorado's `<KIT>_barcodeNN` (kit
-    compared case-insensitively), the alias itself for a sample sheet's alias, `unclassified` for none."""
+    """The `<barcode>` folder of a record's `BC:Z:` value (docs/dorado-facts.md §4): `barcodeNN` for dorado's
+    `<KIT>_barcodeNN` (kit compared case-insensitively), the sample sheet's alias as it is, `unclassified`
+    for none (dorado's basecaller writes no BC tag then; `dorado demux` writes `BC:Z:unclassified`).
+    A value that is not a safe folder name (dorado's aliases are `[A-Za-z0-9_-]`) has its other characters
+    replaced by `_`: a BAM tag never names a folder outside pass/ or fail/."""
     if not bc or bc == UNCLASSIFIED:
         return UNCLASSIFIED
-    if kit and bc.upper().startswith(kit.upper() + "_"):
-        return bc[len(kit) + 1:]
-    return bc
+    if kit and len(bc) > len(kit) and bc[len(kit)] == "_" and bc[:len(kit)].upper() == kit.upper():
+        bc = bc[len(kit) + 1:]
+    if _SAFE_FOLDER.match(bc):
+        return bc
+    bc = _UNSAFE_CHARS.sub("_", bc)
+    return bc if bc.strip(".") else "_" * len(bc)
 
 
 def _allow_open_files(needed: int) -> None:
@@ -126,19 +136,29 @@ class _ReadGroups:
                 self.models.append(ds["basecall_model"])
 
     def run_of(self, record) -> tuple[str, datetime.datetime | None]:
-        try:
-            return self.runs.get(record.get_tag("RG"), ("", None))
-        except KeyError:
-            return "", None
+        rg = record.get_tag("RG") if record.has_tag("RG") else ""
+        found = self.runs.get(rg)
+        if found is None:
+            found = self.runs[rg] = self._guess(rg)
+        return found
+
+    def _guess(self, rg: str) -> tuple[str, datetime.datetime | None]:
+        """A record's RG:Z the header does not list: dorado appends `_<barcode or alias>` to the run's group
+        (`<run>_<model>`), and 1.4 may leave a barcode's group out of the header. The run's group is the
+        longest listed ID that is a prefix of it; else only the run id (the ID's first field) is known."""
+        best = max((i for i in self.runs if i and rg.startswith(i + "_")), key=len, default=None)
+        return self.runs[best] if best is not None else (rg.split("_", 1)[0], None)
 
 
 def _parse_time(text: str | None) -> datetime.datetime | None:
+    """An ISO time (dorado's `st:Z`, a read group's start), always with a time zone (UTC when it has none)."""
     if not text:
         return None
     try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.timezone.utc)
 
 
 def _tag(record, name, default=""):
@@ -148,21 +168,31 @@ def _tag(record, name, default=""):
         return default
 
 
-def summary_line(record, rel: str, run: tuple, passed: bool, qscore: float, barcode: str) -> str:
-    """One line of `summary/<rel>.tsv` (DESIGN §5 columns, dorado's sequencing_summary names)."""
+_TSV_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def summary_line(record, rel: str, run: tuple, passed: bool, qscore: float, barcode: str,
+                 parent: str | None = None) -> str:
+    """One line of `summary/<rel>.tsv` (DESIGN §5 columns, dorado's sequencing_summary names): `start_time` in
+    seconds since the run's acquisition start (empty when the run's start is unknown), `passes_filtering`
+    TRUE/FALSE by ledgerbc's --min-qscore, `parent_read_id` the `pi:Z` parent or the read's own id. A tab,
+    newline or CR in the file name is written as `\\t`, `\\n`, `\\r` (one field, one line per record).
+    `parent`: the parent id when the caller has it already (the splitter's hot path)."""
     run_id, acquisition_start = run
-    start_time = ""
-    started = _parse_time(_tag(record, "st", None))
-    if started is not None and acquisition_start is not None:
-        start_time = f"{(started - acquisition_start).total_seconds():.6f}"
     read_id = record.query_name
-    duration = _tag(record, "du", "")
-    values = (
-        rel, read_id, _tag(record, "pi", read_id), run_id, _tag(record, "ch"), _tag(record, "mx"), start_time,
-        f"{duration:.6f}" if isinstance(duration, float) else duration, "TRUE" if passed else "FALSE",
-        record.query_length, f"{qscore:.6f}", _tag(record, "ns"), barcode,
-    )
-    return "\t".join(str(v) for v in values) + "\n"
+    if parent is None:
+        parent = record.get_tag("pi") if record.has_tag("pi") else read_id
+    start_time = ""
+    if acquisition_start is not None:
+        started = _parse_time(_tag(record, "st", None))
+        if started is not None:
+            start_time = f"{(started - acquisition_start).total_seconds():.6f}"
+    duration = _tag(record, "du")
+    if isinstance(duration, float):
+        duration = f"{duration:.6f}"
+    return (f"{rel.translate(_TSV_ESCAPES)}\t{read_id}\t{parent}\t{run_id}\t{_tag(record, 'ch')}\t"
+            f"{_tag(record, 'mx')}\t{start_time}\t{duration}\t{'TRUE' if passed else 'FALSE'}\t"
+            f"{record.query_length}\t{qscore:.6f}\t{_tag(record, 'ns')}\t{barcode}\n")
 
 
 class _SummaryWriter:
@@ -176,9 +206,8 @@ class _SummaryWriter:
         self.checksum = None
         self.size = 0
 
-    def close(self) -> None:
-        import zlib
-
+    def sync(self) -> None:
+        """Write the lines and fsync them (`writers.sync_all` runs these in parallel with the outputs')."""
         data = "".join(self.lines).encode("utf-8", "surrogateescape")
         with open(self.tmp, "wb") as fh:
             fh.write(data)
@@ -216,7 +245,8 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
     writers: dict[tuple[str, str, str | None], OutputWriter] = {}
     summaries = {name: _SummaryWriter(staging / summary_relpath(rel)) for name, rel in links.items()}
     counts: dict[tuple[str, str, str | None], list[int]] = {}
-    _allow_open_files(2 * len(links) * OutputWriter.fds_per_writer + 64)
+    folders: dict[str | None, str] = {}  # BC value -> <barcode> folder
+    _allow_open_files(OutputWriter.fds_per_writer * 2 * len(links) + MAX_OPEN_FILES + 64)
 
     bam = pysam.AlignmentFile(str(bam_path), "rb", check_sq=False)
     header = bam.header.to_dict()
@@ -232,6 +262,8 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
     def writer(name: str, kind: str, barcode: str | None) -> OutputWriter:
         key = (name, kind, barcode)
         if key not in writers:
+            if len(writers) % 256 == 0:  # a barcoded batch: an output per file x barcode x pass/fail
+                _allow_open_files(OutputWriter.fds_per_writer * (len(writers) + 256) + MAX_OPEN_FILES + 64)
             writers[key] = OutputWriter(staging / relpath(kind, name, barcode), emit, bam, background)
             counts[key] = [0, 0]
         return writers[key]
@@ -247,7 +279,12 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
             if out is None:
                 foreign[name] = foreign.get(name, 0) + 1
                 continue
-            barcode = barcode_folder(_tag(record, "BC", None), kit_name) if barcoded else None
+            barcode = None
+            if barcoded:
+                bc = record.get_tag("BC") if record.has_tag("BC") else None
+                barcode = folders.get(bc)
+                if barcode is None:
+                    barcode = folders[bc] = barcode_folder(bc, kit_name)
             if record.flag & _NOT_PRIMARY:
                 if emit == "bam":  # kept for aligned BAM output, never counted as a read
                     writer(name, PASS, barcode).write(record)
@@ -256,27 +293,29 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
             passed = qscore >= min_qscore
             kind = PASS if passed else FAIL
             writer(name, kind, barcode).write(record)
-            if barcoded:
+            if barcoded and kind == FAIL:
                 writer(name, PASS, barcode)  # every barcode with a record in this input has its pass file
+            length = record.query_length
             tally = counts[(name, kind, barcode)]
             tally[0] += 1
-            tally[1] += record.query_length
+            tally[1] += length
             if passed:
                 out.reads_pass += 1
             else:
                 out.reads_fail += 1
-            out.bases += record.query_length
-            out.parent_ids.add(_tag(record, "pi", None) or record.query_name)
+            out.bases += length
+            parent = record.get_tag("pi") if record.has_tag("pi") else record.query_name
+            out.parent_ids.add(parent)
             summaries[name].lines.append(summary_line(
-                record, links[name], groups.run_of(record), passed, qscore, barcode or UNCLASSIFIED))
+                record, links[name], groups.run_of(record), passed, qscore, barcode or UNCLASSIFIED, parent))
 
         if not barcoded:
             for name in files:
                 writer(name, PASS, None)  # every input gets its pass file, empty if no read passed
         for w in writers.values():
-            w.close()
-        for s in summaries.values():
-            s.close()
+            w.finish()
+        background.wait()
+        sync_all([*writers.values(), *summaries.values()])
     except BaseException:
         background.shutdown()  # no queued job may write to an output being discarded
         for w in writers.values():
@@ -296,8 +335,8 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
         path = summary_relpath(links[name])
         files[name].written[(SUMMARY, None)] = Written(
             SUMMARY, None, path, s.publish(), len(s.lines) - 1, 0, s.size, s.checksum)
-    for folder in {w.final.parent for w in writers.values()} | {s.final.parent for s in summaries.values()}:
-        fsync_dir(folder)
+    parallel([partial(fsync_dir, folder) for folder in
+              {w.final.parent for w in writers.values()} | {s.final.parent for s in summaries.values()}])
     return SplitResult(files=files, foreign=foreign, untagged=untagged, dorado_version=version,
                        models=tuple(groups.models))
 
