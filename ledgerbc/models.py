@@ -175,3 +175,19 @@ class Output(Base):
     bases: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(Integer)
     checksum: Mapped[str | None] = mapped_column(String, nullable=True)  # "crc32:<8 hex>" of the bytes
+
+
+class BarcodeYield(Base):
+    """Output files, reads and bases published per barcode and kind (pass | fail) in a barcoded study.
+
+    Kept by triggers on `outputs` (migration 0004) in the transaction that writes the rows, so it always
+    equals the sums over `outputs`; `status` reads it instead of aggregating every file's outputs.
+    """
+
+    __tablename__ = "barcode_yields"
+
+    barcode: Mapped[str] = mapped_column(String, primary_key=True)
+    kind: Mapped[str] = mapped_column(String, primary_key=True)  # pass | fail
+    outputs: Mapped[int] = mapped_column(Integer, server_default="0")
+    reads: Mapped[int] = mapped_column(Integer, server_default="0")
+    bases: Mapped[int] = mapped_column(Integer, server_default="0")

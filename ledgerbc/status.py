@@ -4,17 +4,18 @@ The JSON schema is documented in the README ("status --json") and versioned by i
 """
 
 import os
+import re
 import stat
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from . import chemistry, follow, lease, modelplan, models
-from .layout import Layout
-from .models import Batch, Pod5File, Worker
+from .layout import UNCLASSIFIED, Layout
+from .models import Batch, BarcodeYield, Pod5File, Worker
 from .units import format_duration, format_size
 
-SCHEMA = "ledgerbc.status/1"
+SCHEMA = "ledgerbc.status/2"  # /2 added `barcoding`; every /1 field is kept
 THROUGHPUT_WINDOW = 600.0  # seconds of recent publications the throughput is measured over
 LIST_LIMIT = 50
 # A running batch whose lease is alive but whose output (dorado's BAM in staging, its log) has not changed
@@ -173,6 +174,7 @@ def collect(conn, now: float, settings) -> dict:
         "dorado": dorado_section(conn, settings),
         "gone": gone,
         "follow": follow.status_section(conn, now, counts),
+        "barcoding": barcoding_section(conn, settings),
     }
 
 
@@ -283,6 +285,57 @@ def _with_twin(conn, state: str, key: str) -> list[dict]:
     ]
 
 
+def barcoding_section(conn, settings) -> dict:
+    """Yields per barcode folder of a barcoded study, from `barcode_yields` (kept by triggers on `outputs`:
+    a table of a few rows, not a pass over every file's outputs). `kit_barcode` is filled in by `report`
+    from the sample sheet (a file read: outside the transaction)."""
+    rows = conn.execute(sa.select(BarcodeYield.barcode, BarcodeYield.kind, BarcodeYield.outputs, BarcodeYield.reads,
+                                  BarcodeYield.bases)).all() if settings.barcoded else []
+    per: dict[str, dict] = {}
+    for barcode, kind, outputs, reads, bases in rows:
+        entry = per.setdefault(barcode, {"barcode": barcode, "kit_barcode": None, "files": 0,
+                                         "reads": {"pass": 0, "fail": 0, "total": 0},
+                                         "bases": {"pass": 0, "fail": 0, "total": 0}})
+        if kind == models.PASS:
+            entry["files"] = outputs  # every barcode with a record in an input has its pass/ output there
+        entry["reads"][kind] += reads
+        entry["bases"][kind] += bases
+    total = 0
+    for entry in per.values():
+        for key in ("reads", "bases"):
+            entry[key]["total"] = entry[key]["pass"] + entry[key]["fail"]
+        total += entry["reads"]["total"]
+    barcodes = [entry for entry in sorted(per.values(), key=_barcode_order) if entry["files"] or entry["reads"]["total"]]
+    unclassified = per.get(UNCLASSIFIED, {"reads": {"total": 0}})["reads"]["total"]
+    return {
+        "kit_name": settings.kit_name,
+        "sample_sheet": str(settings.sample_sheet_path) if settings.sample_sheet else None,
+        "barcodes": barcodes,
+        "reads": total,
+        "unclassified_reads": unclassified,
+        "unclassified_fraction": round(unclassified / total, 4) if total else None,
+    }
+
+
+def _barcode_order(entry: dict):
+    """barcode01 < barcode02 < ... < aliases (by name) < unclassified."""
+    name = entry["barcode"]
+    m = re.fullmatch(r"barcode(\d+)", name)
+    return (2, "", 0) if name == UNCLASSIFIED else (0, "", int(m.group(1))) if m else (1, name, 0)
+
+
+def _name_kit_barcodes(section: dict, settings) -> None:
+    """`kit_barcode` of each entry: the kit's barcodeNN a folder stands for (an alias: from the sample sheet)."""
+    aliases = {}
+    if settings.sample_sheet:
+        from .samplesheet import parse
+
+        aliases = {alias: barcode for barcode, alias in parse(settings.sample_sheet_path).aliases().items() if alias}
+    for entry in section["barcodes"]:
+        name = entry["barcode"]
+        entry["kit_barcode"] = name if re.fullmatch(r"barcode\d+", name) else aliases.get(name)
+
+
 def report(ledger) -> dict:
     settings = ledger.read_settings()
     now = ledger.clock()
@@ -312,6 +365,7 @@ def report(ledger) -> dict:
         w["stalled"] = bool(alive and age > STALL_HEARTBEATS * settings.heartbeat)
     for b in data["running_batches"]:
         b.pop("_token", None)
+    _name_kit_barcodes(data["barcoding"], settings)
     return data
 
 
@@ -360,6 +414,7 @@ def render(data: dict) -> str:
             lines.append(
                 f"  batch {b['batch_id']:<8} {b['worker_id']:<36} {b['files']} files  heartbeat {b['heartbeat_age_s']:.0f}s ago"
             )
+    lines += render_barcodes(data.get("barcoding"))
     lines += render_dorado(data.get("dorado"))
     lines += render_chemistries(data.get("chemistries") or [])
     if data["failed"]:
@@ -448,4 +503,22 @@ def render_failed(failed: list[dict], total: int) -> list[str]:
         lines.append(f"  {name or '(run info unread)'}: {len(files)} files: {gist}")
         for x in files:
             lines.append(f"    {x['path']}  [{x.get('chemistry_key') or '-'}, attempts {x['attempts']}]")
+    return lines
+
+
+def render_barcodes(section: dict | None) -> list[str]:
+    """The per-barcode table of a barcoded study (nothing for an unbarcoded one)."""
+    if not section or not section["kit_name"]:
+        return []
+    fraction = section["unclassified_fraction"]
+    unclassified = f"unclassified {fraction:.1%} of {section['reads']} reads" if fraction is not None else "no reads yet"
+    sheet = ", with a sample sheet" if section["sample_sheet"] else ""
+    lines = [f"barcodes: kit {section['kit_name']}{sheet}; {len(section['barcodes'])} barcode folders, {unclassified}"]
+    if section["barcodes"]:
+        lines.append(f"  {'barcode':<24} {'kit barcode':<12} {'files':>7} {'reads pass':>11} {'reads fail':>11} "
+                     f"{'bases':>14} {'reads':>7}")
+        for e in section["barcodes"]:
+            share = e["reads"]["total"] / section["reads"] if section["reads"] else 0.0
+            lines.append(f"  {e['barcode']:<24} {e['kit_barcode'] or '-':<12} {e['files']:>7} {e['reads']['pass']:>11} "
+                         f"{e['reads']['fail']:>11} {e['bases']['total']:>14} {share:>7.1%}")
     return lines
