@@ -24,7 +24,8 @@ from ledgerbc.models import Batch
 from ledgerbc.testkit.synth import make_dataset
 from ledgerbc.testkit import install_fake_dorado
 from helpers import (
-    ledgerbc_argv, wait_for, check_exactly_once, basecallers_of, kill_group, kill_leftovers, pids_mentioning, pod5_reads,
+    BARCODED_REBUILD, KIT, NO_BARCODED_REBUILD, ledgerbc_argv, wait_for, check_exactly_once, basecallers_of, kill_group,
+    kill_leftovers, pids_mentioning, pod5_reads,
 )
 
 pytestmark = pytest.mark.slow
@@ -119,13 +120,15 @@ def chaos_env(tmp_path):
     kill_leftovers(str(tmp_path))
 
 
-def test_workers_killed_and_ledger_lost_mid_run_still_basecall_every_read_exactly_once(chaos_env):
+@pytest.mark.parametrize("kit", [None, pytest.param(KIT, marks=pytest.mark.skipif(
+    not BARCODED_REBUILD, reason=NO_BARCODED_REBUILD))], ids=["flat", "barcoded"])  # its mid-run rebuild
+def test_workers_killed_and_ledger_lost_mid_run_still_basecall_every_read_exactly_once(chaos_env, kit):
     input_dir, output_dir, env, fleet = chaos_env
     rng = random.Random(7)
     expected = pod5_reads(input_dir)
     assert len(expected) == N_FILES
 
-    init = cli(env, "init", str(input_dir), str(output_dir), *RUN_OPTIONS)
+    init = cli(env, "init", str(input_dir), str(output_dir), *RUN_OPTIONS, *(["--kit-name", kit] if kit else []))
     assert init.returncode == 0, init.stderr
     started = time.monotonic()
     for _ in range(N_WORKERS):
@@ -228,7 +231,8 @@ def test_teardown_helper_kills_a_process_left_in_its_own_session(tmp_path):
             orphan.wait()
 
 
-def test_a_dead_watchman_does_not_strand_a_dead_workers_batch(tmp_path):
+@pytest.mark.parametrize("kit", [None, KIT], ids=["flat", "barcoded"])
+def test_a_dead_watchman_does_not_strand_a_dead_workers_batch(tmp_path, kit):
     """The tail of a run: one worker died mid-batch, the watchman died too (its role not expired yet).
     A worker that finds nothing pending must not leave on the word of a dead watchman: it stays,
     takes the role over once it expires, reclaims the dead batch, basecalls it and only then exits."""
@@ -240,7 +244,7 @@ def test_a_dead_watchman_does_not_strand_a_dead_workers_batch(tmp_path):
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
                LEDGERBC_LEDGER=str(output_dir / "ledgerbc.db"))
     init = cli(env, "init", str(input_dir), str(output_dir), "--batch-files", "4", "--lease", "8s",
-               "--heartbeat", "1s", "--clock-skew", "1s")
+               "--heartbeat", "1s", "--clock-skew", "1s", *(["--kit-name", kit] if kit else []))
     assert init.returncode == 0, init.stderr
     ledger = Ledger(output_dir / "ledgerbc.db")
     settings = ledger.read_settings()

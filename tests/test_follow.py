@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from helpers import (
-    Study, assert_work_tree_clean, check_outputs, events, files_by_rel, query, wait_for,
+    KIT, Study, assert_work_tree_clean, check_outputs, events, files_by_rel, query, wait_for,
 )
 from ledgerbc import follow, models, status
 from ledgerbc import scan as scan_module
@@ -30,6 +30,8 @@ from ledgerbc.testkit.synth import truncate_copy, write_pod5
 
 WRITER = Path(__file__).with_name("live_writer.py")
 SETTLE = 2.0
+# The live runs, unbarcoded and with --kit-name (outputs per barcode folder, the summary as done marker).
+WITH_AND_WITHOUT_BARCODES = pytest.mark.parametrize("barcoding", [[], ["--kit-name", KIT]], ids=["flat", "barcoded"])
 
 
 def summary_text(n: int) -> str:
@@ -205,12 +207,13 @@ def writer_log(log: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_live_run_is_basecalled_once_never_before_each_file_is_complete(study):
+@WITH_AND_WITHOUT_BARCODES
+def test_a_live_run_is_basecalled_once_never_before_each_file_is_complete(study, barcoding):
     n_files = 60
     run_dir = study.root / "run"
     study.input = run_dir / "pod5"  # INPUT_DIR is the run's pod5/ folder: the summary is in its parent
     study.input.mkdir(parents=True)
-    study.init("--batch-files", "4", "--settle", f"{SETTLE:g}s")  # on an empty INPUT_DIR
+    study.init("--batch-files", "4", "--settle", f"{SETTLE:g}s", *barcoding)  # on an empty INPUT_DIR
     workers = [study.start_worker(f"w{i}", "--follow") for i in (1, 2, 3)]
     time.sleep(1.0)
     writer, log = start_writer(study, run_dir, n_files)
@@ -272,11 +275,12 @@ def test_a_live_run_is_basecalled_once_never_before_each_file_is_complete(study)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ending", ["final-summary", "idle-exit"])
-def test_a_truncated_pod5_is_failed_not_claimed_and_does_not_hold_the_run(study, ending):
+@WITH_AND_WITHOUT_BARCODES
+def test_a_truncated_pod5_is_failed_not_claimed_and_does_not_hold_the_run(study, ending, barcoding):
     good = [study.input / "PAW_good_0.pod5", study.input / "barcode02" / "PAW_good_1.pod5"]
     for i, path in enumerate(good):
         write_pod5(path, 5, seed=i)
-    study.init("--batch-files", "4", "--settle", f"{SETTLE:g}s")
+    study.init("--batch-files", "4", "--settle", f"{SETTLE:g}s", *barcoding)
     options = ["--follow"] + (["--idle-exit", "6s"] if ending == "idle-exit" else [])
     workers = [study.start_worker(f"w{i}", *options) for i in (1, 2)]
     started = time.time()

@@ -17,9 +17,16 @@ from ledgerbc import claim, models
 from ledgerbc.models import Batch
 from ledgerbc.rebuild import rebuild_ledger
 from ledgerbc.testkit.synth import write_pod5
-from helpers import make_study, check_exactly_once, basecallers_of, kill_leftovers, pod5_reads
+from helpers import (
+    BARCODED_REBUILD, KIT, NO_BARCODED_REBUILD, make_study, check_exactly_once, basecallers_of, kill_leftovers,
+    pod5_reads,
+)
 
 REBUILD_HINT = "recover --rebuild"
+# Rebuild tests run on a flat and on a barcoded study (outputs per barcode, the summary as done marker).
+WITH_AND_WITHOUT_BARCODES = pytest.mark.parametrize("kit", [
+    None, pytest.param(KIT, marks=pytest.mark.skipif(not BARCODED_REBUILD, reason=NO_BARCODED_REBUILD)),
+], ids=["flat", "barcoded"])
 
 
 pytestmark = pytest.mark.usefixtures("no_stray_processes")
@@ -37,14 +44,14 @@ def assert_one_error_line(result, exit_code=5, *needles):
     return lines[0]
 
 
-@pytest.fixture
-def half_done(tmp_path):
+@pytest.fixture(params=[None, KIT], ids=["flat", "barcoded"])
+def half_done(request, tmp_path):
     """12 files, batches of 3, two batches basecalled by a real worker; then the ledger is garbage."""
-    study = make_study(tmp_path, 12, 3)
+    study = make_study(tmp_path, 12, 3, kit_name=request.param)
     first = study.cli("run", "--worker-id", "early", "--max-batches", "2")
     assert first.returncode == 0, first.stderr
     published = study.outputs()
-    assert len(published) == 6
+    assert len(study.published_inputs()) == 6
     study.ledger_path.write_bytes(os.urandom(64 * 1024))  # a disk error, a bad copy, a stray `dd`
     yield study, published
     kill_leftovers(str(tmp_path))
@@ -68,6 +75,8 @@ def test_every_command_refuses_a_garbage_ledger_in_one_line_naming_the_rebuild(h
 
 def test_after_a_rebuild_the_run_completes_without_basecalling_anything_twice(half_done):
     study, published = half_done
+    if study.barcoded and not BARCODED_REBUILD:
+        pytest.skip(NO_BARCODED_REBUILD)
     logs_before = sorted(p.name for p in (study.output / "logs").iterdir())
     assert logs_before == ["1.log", "2.log"]
 
@@ -98,8 +107,9 @@ def test_after_a_rebuild_the_run_completes_without_basecalling_anything_twice(ha
 
 
 @pytest.mark.slow
-def test_rebuild_while_a_worker_is_mid_batch_lets_it_keep_and_publish_its_batch(tmp_path):
-    study = make_study(tmp_path, 3, 3, lease="30s", delay=4)  # dorado takes 4 s to start: time to rebuild mid-batch
+@WITH_AND_WITHOUT_BARCODES
+def test_rebuild_while_a_worker_is_mid_batch_lets_it_keep_and_publish_its_batch(tmp_path, kit):
+    study = make_study(tmp_path, 3, 3, lease="30s", delay=4, kit_name=kit)  # dorado takes 4 s to start: time to rebuild mid-batch
     worker = study.start_worker("alive")
     try:
         deadline = time.monotonic() + 60
@@ -179,8 +189,9 @@ os._exit(9)  # killed mid-transaction: a hot journal (the pages as they were bef
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["deleted", "garbage"])
-def test_a_hot_journal_left_by_the_lost_ledger_does_not_corrupt_the_rebuilt_one(tmp_path, loss):
-    study = make_study(tmp_path, 3, 1)
+@pytest.mark.parametrize("kit", [None, KIT], ids=["flat", "barcoded"])  # nothing published: no summary to read
+def test_a_hot_journal_left_by_the_lost_ledger_does_not_corrupt_the_rebuilt_one(tmp_path, loss, kit):
+    study = make_study(tmp_path, 3, 1, kit_name=kit)
     subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(study.ledger_path)], check=False, timeout=60)
     journal = Path(f"{study.ledger_path}-journal")
     assert journal.stat().st_size > 0
@@ -204,8 +215,9 @@ def test_a_hot_journal_left_by_the_lost_ledger_does_not_corrupt_the_rebuilt_one(
 
 
 @pytest.mark.slow
-def test_a_worker_whose_ledger_stays_lost_gives_up_and_a_rebuild_lets_others_finish_its_batch(tmp_path):
-    study = make_study(tmp_path, 2, 2, lease="3s", delay=3)
+@WITH_AND_WITHOUT_BARCODES
+def test_a_worker_whose_ledger_stays_lost_gives_up_and_a_rebuild_lets_others_finish_its_batch(tmp_path, kit):
+    study = make_study(tmp_path, 2, 2, lease="3s", delay=3, kit_name=kit)
     worker = study.start_worker("stranded")
     try:
         deadline = time.monotonic() + 60
