@@ -97,6 +97,7 @@ class Background:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ledgerbc-split") if threaded else None
         self.queued: deque = deque()
         self.handles = _Handles()
+        self.folders: set[Path] = set()  # output folders made so far (a barcoded split makes hundreds of outputs)
 
     def submit(self, job, *args) -> None:
         if self.pool is None:
@@ -130,7 +131,8 @@ class _Handles:
             if tallied.file is None:
                 while len(self.open) >= self.limit:
                     self._close(next(iter(self.open)))
-                tallied.file = open(tallied.path, "ab")
+                tallied.file = open(tallied.path, "ab" if tallied.created else "wb")
+                tallied.created = True
             self.open[tallied] = None
             self.open.move_to_end(tallied)
             tallied.file.write(data)
@@ -154,9 +156,9 @@ class _Tallied:
         self.path = path
         self.handles = handles
         self.file = None
+        self.created = False  # the file is made by the first write (or by `sync` when nothing was written)
         self.crc = 0
         self.size = 0
-        open(path, "wb").close()  # exists (empty) from the start, like an output opened for writing
 
     def write(self, data) -> int:
         self.crc = _crc32(data, self.crc)
@@ -173,6 +175,9 @@ class _Tallied:
     def sync(self) -> None:
         """Close, then make the file's data durable (fsync through a fresh descriptor: same inode)."""
         self.close()
+        if not self.created:
+            open(self.path, "wb").close()
+            self.created = True
         fsync_path(self.path)
 
 
@@ -198,7 +203,9 @@ class OutputWriter:
     fds_per_writer = 2  # BAM: the scratch file and htslib's duplicate of it (temp files: `_Handles`)
 
     def __init__(self, final: Path, emit: str, template: pysam.AlignmentFile, background: Background):
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.parent not in background.folders:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            background.folders.add(final.parent)
         self.final = final
         self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.background = background
@@ -206,6 +213,7 @@ class OutputWriter:
         self.bam = self.raw = self.stream = self.scratch = None
         self.chunk: list[bytes] = []
         self.unflushed = 0  # bytes given to `write` since the last chunk was handed over
+        self.tail = b""  # what `finish` left for `sync` to write: the last partial chunk, the last BGZF blocks
         if emit == "bam" and _deflate is None:
             self.bam = pysam.AlignmentFile(str(self.tmp), "wb", template=template,
                                            format_options=[f"level={COMPRESS_LEVEL}".encode()])
@@ -245,6 +253,12 @@ class OutputWriter:
 
     def _drain(self) -> None:
         """Hand the whole BGZF blocks htslib has written to the scratch file so far to the background."""
+        blocks = self._take_blocks()
+        if blocks:
+            self.background.submit(self._deflate_blocks, blocks)
+
+    def _take_blocks(self) -> bytes:
+        """The whole BGZF blocks htslib has written to the scratch file since the last call."""
         self.unflushed = 0
         size = os.fstat(self.scratch).st_size
         while self.drained < size:
@@ -260,9 +274,9 @@ class OutputWriter:
             if end > len(self.pending):
                 break
             pos = end
-        if pos:
-            self.background.submit(self._deflate_blocks, bytes(self.pending[:pos]))
-            del self.pending[:pos]
+        blocks = bytes(self.pending[:pos])
+        del self.pending[:pos]
+        return blocks
 
     def _deflate_blocks(self, stored: bytes) -> None:
         blocks, pos = [], 0
@@ -274,29 +288,39 @@ class OutputWriter:
         self.raw.write(b"".join(blocks))
 
     def finish(self) -> None:
-        """Hand the rest of the output to the background thread (for BAM: htslib's last blocks). Then, once
-        the background has drained (`Background.wait`), `sync` makes the file complete and durable."""
+        """The end of the input: what is left to write (the last partial chunk; for BAM, htslib's last blocks)
+        is kept as `tail` for `sync`, not handed to the background one small job per output (a barcoded
+        split has hundreds: each hand-over costs a thread switch). Then, once the background has drained
+        (`Background.wait`), `sync` makes the file complete and durable."""
         if self.raw is None:
             self.bam.close()
             return
         if self.scratch is not None:
             try:
                 self.bam.close()
-                self._drain()
+                self.tail = self._take_blocks()
                 if self.pending:
                     raise OSError(f"htslib left a partial BGZF block for {self.tmp}")
             finally:
                 os.close(self.scratch)
                 self.scratch = None
-        self._flush_chunk()
+        else:
+            self.tail = b"".join(self.chunk)
+            self.chunk, self.unflushed = [], 0
 
     def sync(self) -> None:
-        """After `finish` and the background's drain: the gzip trailer, fsync, size and checksum. Writers of
-        one split may sync in parallel (`sync_all`)."""
+        """After `finish` and the background's drain: the tail, the gzip trailer, fsync, size and checksum.
+        Writers of one split may sync in parallel (`sync_all`; compression and writes release the GIL)."""
         if self.raw is None:
             fsync_path(self.tmp)
             self.size, self.checksum = file_checksum(self.tmp)
             return
+        if self.tail:
+            tail, self.tail = self.tail, b""
+            if self.bam is not None:
+                self._deflate_blocks(tail)
+            else:
+                self.stream.write(tail)
         if self.stream is not self.raw:
             self.stream.close()  # the gzip trailer, written to the temp file
         self.raw.sync()
