@@ -146,7 +146,7 @@ def plan(ledger, partial: bool = False) -> Plan:
     barcodes = layout.barcode_dirs() if unrecorded and settings.kit_name else []
     without_summary = 0
     for rel in unrecorded:
-        found = layout.outputs_of(rel, emit, barcodes)
+        found = layout.outputs_of(rel, emit, barcodes, flat=not settings.kit_name)
         if not found:
             raise _missing(layout.pass_path(rel, emit), rel)
         name = output_relpath(rel, emit)
