@@ -255,9 +255,9 @@ def main(argv=None) -> int:
                 ratio = "" if name == "main" else f"  {med['main'] / seconds:.1%} of main's speed"
                 print(f"  {name:<16} {seconds:.2f} s  {bam_mb / seconds:5.0f} MB/s  {n_reads / seconds:8,.0f} reads/s"
                       f"  CPU {cpu[name]:.2f} s{ratio}")
-            slower = med["ours --kit-name"] / med["main"] - 1
-            print(f"  barcoded + summary vs main: {slower:+.1%} time — target within 15%: "
-                  f"{'MET' if med['main'] / med['ours --kit-name'] >= 0.85 else 'MISSED'}")
+            speed = med["main"] / med["ours --kit-name"]
+            print(f"  barcoded + summary: {speed:.1%} of main's MB/s (CPU {cpu['ours --kit-name'] / cpu['main'] - 1:+.0%})"
+                  f" — target within 15% (>= 85%): {'MET' if speed >= 0.85 else 'MISSED'}")
 
             settings = new_ledger(ledger_path, input_dir, output_dir, batch_files=args.files, batch_bytes=None,
                                   emit=emit, min_qscore=MIN_QSCORE, kit_name=KIT)

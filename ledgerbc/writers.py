@@ -40,6 +40,10 @@ _COMPLEMENT = str.maketrans("ACGTNacgtn", "TGCANtgcan")
 _BGZF_HEADER, _BGZF_FOOTER = 18, 8
 _CHUNK = 1 << 18  # an output's data is handed to the background thread in chunks of ~256 KiB
 _QUEUED = 8  # chunks waiting for the background thread, at most
+# Bytes the outputs of one split may hold back in their chunks, together: past it, an output hands over its
+# chunk once it has `_CHUNK // 16`. 20 files x 97 barcodes x pass/fail = 3,880 outputs of 256 KiB chunks
+# would otherwise hold up to 1 GB.
+BUFFERED_LIMIT = 64 << 20
 # Temp files a split keeps open at once. A barcoded batch has an output per file x barcode x pass/fail
 # (20 files x 97 barcodes x 2 = 3,880): past this many, the least recently written is closed and
 # reopened for appending when written again, so a split never runs out of file descriptors.
@@ -98,6 +102,7 @@ class Background:
         self.queued: deque = deque()
         self.handles = _Handles()
         self.folders: set[Path] = set()  # output folders made so far (a barcoded split makes hundreds of outputs)
+        self.buffered = 0  # bytes all outputs hold back in chunks (BUFFERED_LIMIT); main thread only
 
     def submit(self, job, *args) -> None:
         if self.pool is None:
@@ -237,19 +242,26 @@ class OutputWriter:
             written = self.bam.write(record)
             if self.scratch is not None:
                 self.unflushed += written
-                if self.unflushed >= _CHUNK:
+                self.background.buffered += written
+                if self._chunk_full():
                     self._drain()
         else:
             entry = fastq_entry(record)
             self.chunk.append(entry)
             self.unflushed += len(entry)
-            if self.unflushed >= _CHUNK:
+            self.background.buffered += len(entry)
+            if self._chunk_full():
                 self._flush_chunk()
+
+    def _chunk_full(self) -> bool:
+        return self.unflushed >= _CHUNK or (self.background.buffered > BUFFERED_LIMIT
+                                            and self.unflushed >= _CHUNK // 16)
 
     def _flush_chunk(self) -> None:
         if self.chunk:
             self.background.submit(self.stream.write, b"".join(self.chunk))
-        self.chunk, self.unflushed = [], 0
+        self._handed_over()
+        self.chunk = []
 
     def _drain(self) -> None:
         """Hand the whole BGZF blocks htslib has written to the scratch file so far to the background."""
@@ -259,7 +271,7 @@ class OutputWriter:
 
     def _take_blocks(self) -> bytes:
         """The whole BGZF blocks htslib has written to the scratch file since the last call."""
-        self.unflushed = 0
+        self._handed_over()
         size = os.fstat(self.scratch).st_size
         while self.drained < size:
             chunk = os.pread(self.scratch, size - self.drained, self.drained)
@@ -277,6 +289,10 @@ class OutputWriter:
         blocks = bytes(self.pending[:pos])
         del self.pending[:pos]
         return blocks
+
+    def _handed_over(self) -> None:
+        self.background.buffered -= self.unflushed
+        self.unflushed = 0
 
     def _deflate_blocks(self, stored: bytes) -> None:
         blocks, pos = [], 0
@@ -306,7 +322,8 @@ class OutputWriter:
                 self.scratch = None
         else:
             self.tail = b"".join(self.chunk)
-            self.chunk, self.unflushed = [], 0
+            self._handed_over()
+        self.chunk = []
 
     def sync(self) -> None:
         """After `finish` and the background's drain: the tail, the gzip trailer, fsync, size and checksum.

@@ -91,3 +91,32 @@ def test_a_failure_in_the_background_leaves_no_temp_file_and_no_thread(big_bam, 
         split(big_bam, tmp_path, "bam", "bam")
     assert [p for p in (tmp_path / "bam").rglob("*") if p.is_file()] == []
     assert not [t for t in threading.enumerate() if t.name.startswith("ledgerbc-split")]
+
+
+@pytest.mark.parametrize("emit", ["fastq", "fastq.gz", "bam"])
+def test_few_open_files_and_a_small_memory_bound_give_the_same_outputs(big_bam, tmp_path, monkeypatch, emit):
+    """A barcoded batch has thousands of outputs: at most MAX_OPEN_FILES temp files are open (the others are
+    closed and reopened for appending), and past BUFFERED_LIMIT an output hands its chunk over early."""
+    want, _ = split(big_bam, tmp_path, emit, "normal")
+    monkeypatch.setattr(writers, "MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(writers, "BUFFERED_LIMIT", 64 << 10)
+    opened = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if "ab" in mode or "wb" in mode:
+            opened.append(path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "open", counting_open, raising=False)
+    got, _ = split(big_bam, tmp_path, emit, "frugal")
+    assert len(opened) > 2 * len(LINKS)  # files were closed and reopened
+    for name in LINKS:
+        for kind in ("pass_path", "fail_path"):
+            a, b = getattr(want.files[name], kind), getattr(got.files[name], kind)
+            if emit == "bam":
+                assert output_records(b) == output_records(a)
+            else:
+                assert (gzip.decompress(b.read_bytes()) if emit == "fastq.gz" else b.read_bytes()) == (
+                    gzip.decompress(a.read_bytes()) if emit == "fastq.gz" else a.read_bytes())
+            assert got.files[name].written[(kind[:4], None)].checksum == writers.file_checksum(b)[1]
