@@ -32,6 +32,7 @@ EMITS = ("fastq", "fastq.gz", "bam")  # also the output file extensions
 PUBLISH_ORDER = (FAIL, PASS, SUMMARY)  # the publication's steps: the summary last (the done marker)
 _SAFE_FOLDER = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]+$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+READ_THREADS = 2  # htslib threads inflating dorado's BAM while the Python loop splits it
 # samtools fastq drops secondary (0x100) and supplementary (0x800) records: they repeat a read.
 _NOT_PRIMARY = 0x900
 _ERROR_PROB = 10.0 ** (-np.arange(256) / 10.0)
@@ -248,7 +249,9 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
     folders: dict[str | None, str] = {}  # BC value -> <barcode> folder
     _allow_open_files(OutputWriter.fds_per_writer * 2 * len(links) + MAX_OPEN_FILES + 64)
 
-    bam = pysam.AlignmentFile(str(bam_path), "rb", check_sq=False)
+    # htslib inflates dorado's BAM in its own threads: half of the calling thread's time otherwise (the
+    # calling thread, which runs the Python loop, is what limits the split; bench/overhead.py).
+    bam = pysam.AlignmentFile(str(bam_path), "rb", check_sq=False, threads=READ_THREADS)
     header = bam.header.to_dict()
     groups = _ReadGroups(header)
     version = next((pg.get("VN") for pg in header.get("PG", []) if pg.get("PN") == "dorado"), None)
