@@ -66,21 +66,21 @@ def test_init_lists_every_problem_of_the_sample_sheet_one_per_line_and_creates_n
     assert result.exit_code == 3, result.output
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"Error: the sample sheet {sheet} has 5 problem(s) dorado would refuse it for")
-    assert lines[1:] == [
+    assert lines[1:] == [f"Error: {line}" for line in [
         f"{sheet}:1: invalid column 'colour' (allowed: protocol_run_id, flow_cell_id, position_id, sample_id, "
         "experiment_id, flow_cell_product_code, kit, alias, type, barcode)",
         f"{sheet}:2: 5 fields, the header has 6",
         f"{sheet}:3: alias 'unclassified' is forbidden (it looks like a barcode name or 'unclassified')",
         f"{sheet}:4: experiment_id 'other' differs from 'exp' (a sample sheet holds one experiment)",
         f"{sheet}:4: alias 'has space' is not valid (at most 40 characters, letters, digits, '-' and '_')",
-    ]
+    ]]
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dorado-arg", "--kit-name", "--dorado-arg", KIT], "--dorado-arg --kit-name is not passed through: give it "
-     "to init as `ledgerbc init --kit-name ...`"),
-    (["--dorado-arg=--sample-sheet=s.csv", "--kit-name", KIT], "--dorado-arg --sample-sheet is not passed through"),
+    (["--dorado-arg", "--kit-name", "--dorado-arg", KIT], "--dorado-arg --kit-name is refused: it would break "
+     "ledgerbc's contract or is ledgerbc's own option. Use `ledgerbc init --kit-name KIT` (outputs per barcode)"),
+    (["--dorado-arg=--sample-sheet=s.csv", "--kit-name", KIT], "--dorado-arg --sample-sheet=s.csv is refused"),
     (["--sample-sheet", "s.csv"], "--sample-sheet needs --kit-name"),
 ])
 def test_barcoding_options_only_through_init_and_a_sheet_only_with_a_kit(tmp_path, args, message):
