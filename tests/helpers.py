@@ -4,7 +4,6 @@ in the published outputs. Fixtures built on them live in conftest.py."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import re
@@ -36,10 +35,6 @@ from ledgerbc.testkit.synth import make_dataset
 
 REAL_POD5 = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-pod5"
 KIT = "SQK-NBD114-24"  # studies run with and without barcodes: `make_study(..., kit_name=KIT)`
-# Rebuild and reconcile of a barcoded study read its summaries (the done markers): the exactly-once work
-# (ledgerbc/published.py). Until it is on this branch, the barcoded variants of tests that rebuild skip.
-BARCODED_REBUILD = importlib.util.find_spec("ledgerbc.published") is not None
-NO_BARCODED_REBUILD = "rebuilding a barcoded study reads its summaries: ledgerbc/published.py (branch exactly)"
 SMALL_LEASE = ["--lease", "20s", "--heartbeat", "1s", "--clock-skew", "2s"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 

@@ -24,7 +24,7 @@ from ledgerbc.models import Batch
 from ledgerbc.testkit.synth import make_dataset
 from ledgerbc.testkit import install_fake_dorado
 from helpers import (
-    BARCODED_REBUILD, KIT, NO_BARCODED_REBUILD, ledgerbc_argv, wait_for, check_exactly_once, basecallers_of, kill_group,
+    KIT, ledgerbc_argv, wait_for, check_exactly_once, basecallers_of, kill_group,
     kill_leftovers, pids_mentioning, pod5_reads,
 )
 
@@ -123,11 +123,6 @@ def chaos_env(tmp_path):
 @pytest.mark.parametrize("kit", [None, KIT], ids=["flat", "barcoded"])
 def test_workers_killed_and_ledger_lost_mid_run_still_basecall_every_read_exactly_once(chaos_env, kit):
     input_dir, output_dir, env, fleet = chaos_env
-    # A barcoded study is rebuilt from its summaries (ledgerbc/published.py): until that is here, its workers
-    # are killed just the same but the ledger is not lost.
-    lose_ledger = kit is None or BARCODED_REBUILD
-    if not lose_ledger:
-        print(f"chaos: no mid-run rebuild ({NO_BARCODED_REBUILD})")
     rng = random.Random(7)
     expected = pod5_reads(input_dir)
     assert len(expected) == N_FILES
@@ -165,7 +160,7 @@ def test_workers_killed_and_ledger_lost_mid_run_still_basecall_every_read_exactl
         fleet.procs[victim].wait(timeout=10)
         kills += 1
         fleet.start()
-        if kills == REBUILD_AT_KILL and lose_ledger:
+        if kills == REBUILD_AT_KILL:
             # The ledger is lost mid-run; an operator rebuilds it from the files on disk while workers run.
             (output_dir / "ledgerbc.db").unlink()
             rebuild = cli(env, "recover", "--rebuild", "--input", str(input_dir), "--output", str(output_dir))
@@ -177,7 +172,7 @@ def test_workers_killed_and_ledger_lost_mid_run_still_basecall_every_read_exactl
           f"{replaced_lost} workers replaced after losing the ledger, {fleet.started} workers started, "
           f"killer ran {time.monotonic() - started:.0f}s")
     assert kills >= MIN_KILLS, f"the run ended before the killer could kill {MIN_KILLS} workers ({kills})"
-    assert rebuilds or not lose_ledger, "the ledger was never deleted and rebuilt"
+    assert rebuilds, "the ledger was never deleted and rebuilt"
 
     # The survivors (and the replacements) finish on their own: reclaim, redo, drain, exit.
     deadline = started + TOTAL_BUDGET
@@ -213,8 +208,6 @@ def test_workers_killed_and_ledger_lost_mid_run_still_basecall_every_read_exactl
         assert report["barcoding"]["reads"] == report["reads"]["out"]
     # Workers alive at the rebuild kept their batch (same id, adopted from their ASSIGNED folder) and
     # published it into the rebuilt ledger; the batches of dead ones were reclaimed.
-    if not lose_ledger:
-        return
     adopted = {int(m.group(1)): m.group(2) for m in re.finditer(r"^batch (\d+) of (\S+): ", rebuilds[0], re.M)}
     ledger = Ledger(output_dir / "ledgerbc.db")
     ended = dict(ledger.transact(lambda c: c.execute(

@@ -17,16 +17,11 @@ from ledgerbc import claim, models
 from ledgerbc.models import Batch
 from ledgerbc.rebuild import rebuild_ledger
 from ledgerbc.testkit.synth import write_pod5
-from helpers import (
-    BARCODED_REBUILD, KIT, NO_BARCODED_REBUILD, make_study, check_exactly_once, basecallers_of, kill_leftovers,
-    pod5_reads,
-)
+from helpers import KIT, make_study, check_exactly_once, basecallers_of, kill_leftovers, pod5_reads
 
 REBUILD_HINT = "recover --rebuild"
 # Rebuild tests run on a flat and on a barcoded study (outputs per barcode, the summary as done marker).
-WITH_AND_WITHOUT_BARCODES = pytest.mark.parametrize("kit", [
-    None, pytest.param(KIT, marks=pytest.mark.skipif(not BARCODED_REBUILD, reason=NO_BARCODED_REBUILD)),
-], ids=["flat", "barcoded"])
+WITH_AND_WITHOUT_BARCODES = pytest.mark.parametrize("kit", [None, KIT], ids=["flat", "barcoded"])
 
 
 pytestmark = pytest.mark.usefixtures("no_stray_processes")
@@ -75,8 +70,6 @@ def test_every_command_refuses_a_garbage_ledger_in_one_line_naming_the_rebuild(h
 
 def test_after_a_rebuild_the_run_completes_without_basecalling_anything_twice(half_done):
     study, published = half_done
-    if study.barcoded and not BARCODED_REBUILD:
-        pytest.skip(NO_BARCODED_REBUILD)
     logs_before = sorted(p.name for p in (study.output / "logs").iterdir())
     assert logs_before == ["1.log", "2.log"]
 
@@ -189,7 +182,7 @@ os._exit(9)  # killed mid-transaction: a hot journal (the pages as they were bef
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["deleted", "garbage"])
-@pytest.mark.parametrize("kit", [None, KIT], ids=["flat", "barcoded"])  # nothing published: no summary to read
+@WITH_AND_WITHOUT_BARCODES
 def test_a_hot_journal_left_by_the_lost_ledger_does_not_corrupt_the_rebuilt_one(tmp_path, loss, kit):
     study = make_study(tmp_path, 3, 1, kit_name=kit)
     subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(study.ledger_path)], check=False, timeout=60)
