@@ -86,12 +86,11 @@ def worker(index: int, barrier, ledger_path: str, worker_id: str, seconds: float
                 break
             claim_ms.append((time.perf_counter() - t0) * 1000)
         files += len(c.files)
-        results = [FileResult(f.id, ok=True, reads_pass=f.read_count or 0) for f in c.files]
+        results = [FileResult(f.rel, ok=True, reads_pass=f.read_count or 0) for f in c.files]
         t1 = time.perf_counter()
         # What `ledgerbc run` does: publish the batch and claim the next one in one transaction;
         # that transaction is the next assignment's claim latency.
-        c = claim.publish(ledger, c.batch_id, worker_id, results, lambda: None, settings.max_attempts,
-                          claim_next=None if separate else settings)
+        c = claim.publish(ledger, c, results, None, settings.max_attempts, claim_next=None if separate else settings)
         t2 = time.perf_counter()
         publish_ms.append((t2 - t1) * 1000)
         if not separate:

@@ -108,8 +108,9 @@ def make_engine(path: Path, create: bool = False, careful: bool = True) -> sa.En
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-        check_pragmas(conn.connection.dbapi_connection)
+        dbapi_conn = conn.connection.dbapi_connection
+        dbapi_conn.execute("BEGIN IMMEDIATE")  # on the driver's connection: SQLAlchemy adds nothing here
+        check_pragmas(dbapi_conn)
 
     return engine
 
