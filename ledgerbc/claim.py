@@ -258,8 +258,9 @@ def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
         return None
     exhausted = len(pending) < lookahead
     chosen = choose_batch(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
-    if not exhausted and not chosen[0].isolate:
-        # A long queue holds other chemistries too: fill the batch from this chemistry's own rows.
+    if not exhausted and not chosen[0].isolate and any(r.chemistry != chosen[0].chemistry for r in pending):
+        # A long queue holds other chemistries too: fill the batch from this chemistry's own rows. (When
+        # every row read is of this chemistry, they are already its first rows: no second read.)
         same = _PENDING_OF_KEY.rows(conn, chemistry=chosen[0].chemistry, n=lookahead)
         chosen = choose_batch(same, settings.batch_files, settings.batch_bytes, live, exhausted=False)
     token = secrets.token_hex(8)
