@@ -13,139 +13,131 @@ synchronous=FULL, BEGIN IMMEDIATE). The ledger is filled through the scan's writ
 It holds more pending files than LOOKAHEAD (2048) for the whole run, so 40-file batches are not shrunk
 by the end-of-run rule: what is measured is the steady state.
 
+Every figure is printed next to the physical ceiling measured in the same run (`bench/ceiling.py`: the
+smallest write transaction our rules allow, one UPDATE, same lock, same frame, same number of processes,
+same place), as a ratio: assignments/s / ceiling transactions/s. For each place and process count the
+ceiling runs right before and right after the claim configurations, and the ratio uses the mean of the two
+(both are printed, so drift from other load shows). Also printed: p99 claim latency with 32 processes
+against p99 with 8 (fairness under contention), and the median lock hold of a claim against the ceiling's.
+
 Where: a fresh folder under /tmp (local disk) and, when LEDGERBC_TEST_GLUSTER_A and
-LEDGERBC_TEST_GLUSTER_B are set (two mounts of one GlusterFS volume, ci/cluster-up.sh), on that volume
-with half the processes reaching the ledger through each mount.
+LEDGERBC_TEST_GLUSTER_B are set (or listed in /run/ledgerbc-ci/env: two mounts of one GlusterFS volume,
+ci/cluster-up.sh), on that volume with half the processes reaching the ledger through each mount.
 
-Reference, the replaced Flask manager (BC-pipelines `BCManager`), "assignments" = batches handed out:
-8 clients, 1-file batches ~240/s (p50 14 ms, p99 40 ms); 32 clients 230-290/s (p99 150-220 ms);
-40-file batches 40-47/s.
-
-    .venv/bin/python bench/claim.py [--seconds 5] [--procs 8,32] [--batches 1,40] [--json out.json]
+    .venv/bin/python bench/claim.py [--seconds 5] [--procs 8,32] [--batches 1,40] [--where local,gluster]
+                                    [--json out.json] [--also-separate]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import multiprocessing
 import os
 import resource
-import shutil
 import socket
+import sqlite3
 import sys
-import tempfile
 import time
-import traceback
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fill import add_files, machine, new_ledger, pct  # noqa: E402
+from _procs import bench_folders, load, places, run_workers  # noqa: E402
+from ceiling import run_ceiling  # noqa: E402
 
 from ledgerbc import __version__, claim, db  # noqa: E402
 from ledgerbc.claim import FileResult  # noqa: E402
 
 LOOKAHEAD_MARGIN = 2048 + 100  # pending files that always remain, so batches stay full (claim.LOOKAHEAD)
-FLASK = {  # (clients, batch files) -> (assignments/s, p50 ms, p99 ms) of the replaced Flask manager
-    (8, 1): ("~240", "14", "40"),
-    (32, 1): ("230-290", "-", "150-220"),
-    (8, 40): ("40-47", "-", "-"),
-    (32, 40): ("40-47", "-", "-"),
-}
 
 
-def worker(ledger_path: str, worker_id: str, barrier, seconds: float, out_path: str, separate: bool) -> None:
-    try:
-        ledger = db.Ledger(ledger_path)
-        settings = ledger.read_settings()
-        claim.register_worker(ledger, worker_id, socket.gethostname(), os.getpid(), None)
-        barrier.wait(300)
-        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        start = time.monotonic()
-        claim_ms, publish_ms, files = [], [], 0
-        c = None
-        while time.monotonic() - start < seconds:
+class HoldTimedLedger(db.Ledger):
+    """A Ledger that records how long each transaction held the lock (acquired -> released)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.holds: list[float] = []
+
+    @contextlib.contextmanager
+    def locked(self):
+        with super().locked():
             t0 = time.perf_counter()
-            if c is None:  # the first claim (and every claim in --separate mode)
-                c = claim.claim_batch(ledger, worker_id, settings)
-                if c is None:
-                    break
-                claim_ms.append((time.perf_counter() - t0) * 1000)
-            files += len(c.files)
-            results = [FileResult(f.id, ok=True, reads_pass=f.read_count or 0) for f in c.files]
-            t1 = time.perf_counter()
-            # What `ledgerbc run` does: publish the batch and claim the next one in one transaction;
-            # that transaction is the next assignment's claim latency.
-            c = claim.publish(ledger, c.batch_id, worker_id, results, lambda: None, settings.max_attempts,
-                              claim_next=None if separate else settings)
-            t2 = time.perf_counter()
-            publish_ms.append((t2 - t1) * 1000)
-            if not separate:
-                if c is None:
-                    break
-                claim_ms.append((t2 - t1) * 1000)
-        end = time.monotonic()
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-        Path(out_path).write_text(json.dumps({"ok": True, "start": start, "end": end, "claim_ms": claim_ms,
-                                              "publish_ms": publish_ms, "files": files, "cpu_s": cpu}))
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        Path(out_path).write_text(json.dumps({"ok": False, "error": traceback.format_exc()}))
-        raise
+            try:
+                yield
+            finally:
+                self.holds.append(time.perf_counter() - t0)
 
 
-def run_config(where: str, folders: list[Path], procs: int, batch: int, n_files: int, seconds: float,
-               separate: bool = False) -> dict:
-    """One configuration: a new ledger in folders[0] (folders[1], if any, is the same folder via another mount)."""
-    ledger_path = folders[0] / "ledgerbc.db"
-    new_ledger(ledger_path, folders[0] / "input", folders[0] / "output", batch_files=batch, batch_bytes=None)
-    add_files(db.Ledger(ledger_path), [50_000_000] * n_files)
-    paths = [folders[i % len(folders)] / "ledgerbc.db" for i in range(procs)]
-    deadline = time.monotonic() + 30
-    while not all(p.exists() for p in paths):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{paths[-1]} is not visible through the second mount")
-        time.sleep(0.1)
+def worker(index: int, barrier, ledger_path: str, worker_id: str, seconds: float, separate: bool) -> dict:
+    ledger = HoldTimedLedger(ledger_path)
+    settings = ledger.read_settings()
+    claim.register_worker(ledger, worker_id, socket.gethostname(), os.getpid(), None)
+    barrier.wait(300)
+    ledger.holds.clear()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.monotonic()
+    claim_ms, publish_ms, files = [], [], 0
+    c = None
+    while time.monotonic() - start < seconds:
+        t0 = time.perf_counter()
+        if c is None:  # the first claim (and every claim in --separate mode)
+            c = claim.claim_batch(ledger, worker_id, settings)
+            if c is None:
+                break
+            claim_ms.append((time.perf_counter() - t0) * 1000)
+        files += len(c.files)
+        results = [FileResult(f.rel, ok=True, reads_pass=f.read_count or 0) for f in c.files]
+        t1 = time.perf_counter()
+        # What `ledgerbc run` does: publish the batch and claim the next one in one transaction;
+        # that transaction is the next assignment's claim latency.
+        c = claim.publish(ledger, c, results, None, settings.max_attempts, claim_next=None if separate else settings)
+        t2 = time.perf_counter()
+        publish_ms.append((t2 - t1) * 1000)
+        if not separate:
+            if c is None:
+                break
+            claim_ms.append((t2 - t1) * 1000)
+    end = time.monotonic()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {"start": start, "end": end, "claim_ms": claim_ms, "publish_ms": publish_ms, "files": files, "cpu_s": cpu,
+            "hold_ms": [1000 * h for h in ledger.holds]}
 
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(procs)
-    outs = [folders[0] / f"result-{i}.json" for i in range(procs)]
-    ps = [ctx.Process(target=worker, args=(str(paths[i]), f"bench{i:02d}@{where}", barrier, seconds, str(outs[i]), separate))
-          for i in range(procs)]
-    load_before = os.getloadavg()[0]
-    for p in ps:
-        p.start()
-    for p in ps:
-        p.join(seconds + 600)
-    for p in ps:  # only our own processes, by handle
-        if p.is_alive():
-            p.kill()
-            p.join()
-    missing = [(o.name, p.exitcode) for o, p in zip(outs, ps) if not o.exists()]
-    if missing:
-        raise SystemExit(f"benchmark processes ended without a result (file, exit code): {missing[:4]}")
-    results = [json.loads(o.read_text()) for o in outs]
-    bad = [r["error"] for r in results if not r["ok"]]
-    if bad:
-        raise SystemExit(f"a benchmark process failed:\n{bad[0]}")
+
+def run_config(where: str, mounts, procs: int, batch: int, n_files: int, seconds: float, separate: bool = False) -> dict:
+    """One configuration on a new ledger (through each mount in turn when there are two)."""
+    with bench_folders(mounts, "ledgerbc-claim") as folders:
+        ledger_path = folders[0] / "ledgerbc.db"
+        new_ledger(ledger_path, folders[0] / "input", folders[0] / "output", batch_files=batch, batch_bytes=None)
+        add_files(db.Ledger(ledger_path), [50_000_000] * n_files)
+        paths = [folders[i % len(folders)] / "ledgerbc.db" for i in range(procs)]
+        deadline = time.monotonic() + 30
+        while not all(p.exists() for p in paths):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{paths[-1]} is not visible through the second mount")
+            time.sleep(0.1)
+        load_before = load()
+        results = run_workers(worker, procs, lambda i: (str(paths[i]), f"bench{i:02d}@{where}", seconds, separate),
+                              folders[0], seconds + 600)
     claims = [x for r in results for x in r["claim_ms"]]
     publishes = [x for r in results for x in r["publish_ms"]]
+    holds = [x for r in results for x in r["hold_ms"]]
     files = sum(r["files"] for r in results)
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {
-        "where": where + ("/2txn" if separate else ""), "procs": procs, "batch": batch, "ledger_files": n_files, "seconds": round(wall, 2),
-        "assignments": len(claims), "files": files,
+        "where": where + ("/2txn" if separate else ""), "procs": procs, "batch": batch, "ledger_files": n_files,
+        "seconds": round(wall, 2), "assignments": len(claims), "files": files,
         "assignments_per_s": round(len(claims) / wall, 1), "files_per_s": round(files / wall, 1),
         "claim_p50_ms": round(pct(claims, 50), 1), "claim_p99_ms": round(pct(claims, 99), 1),
-        "publish_p50_ms": round(pct(publishes, 50), 1),
+        "publish_p50_ms": round(pct(publishes, 50), 1), "hold_p50_ms": round(pct(holds, 50), 2),
         "mean_batch": round(files / len(claims), 1) if claims else 0.0,
-        # fairness: the file lock is not FIFO, so a process can wait through many others' turns
+        # fairness: how many assignments the least and the most served process got
         "per_proc_min": min(len(r["claim_ms"]) for r in results),
         "per_proc_max": max(len(r["claim_ms"]) for r in results),
         "claim_max_ms": round(max(claims), 1) if claims else 0.0,
-        # CPU the workers spent per assignment (claim + publish + lock polling): less load-dependent than wall
+        # CPU the workers spent per assignment (claim + publish + lock wait): less load-dependent than wall
         "cpu_ms_per_assignment": round(1000 * sum(r["cpu_s"] for r in results) / max(1, len(claims)), 1),
-        "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+        "load_before": load_before, "load_after": load(),
     }
 
 
@@ -155,72 +147,94 @@ def ledger_files(batch: int, procs: int, seconds: float, expected_rate: float) -
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'where':<8}{'procs':>6}{'batch':>6}{'assign':>8}{'assign/s':>10}{'files/s':>9}"
-            f"{'claim p50':>11}{'claim p99':>11}{'publ p50':>10}{'batch':>7}{'cpu/assign':>11}{'per proc':>10}{'load':>11}"
-            f"   Flask: assign/s, p50, p99")
+    head = (f"{'where':<12}{'procs':>6}{'batch':>6}{'assign':>8}{'assign/s':>10}{'ceiling/s':>16}{'ratio':>7}"
+            f"{'claim p50':>11}{'claim p99':>11}{'hold':>8}{'ceil hold':>10}{'cpu/assign':>11}{'per proc':>10}{'load':>11}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        flask = FLASK.get((r["procs"], r["batch"]), ("-", "-", "-"))
+        ceil = r.get("ceiling")
+        ceiling = f"{ceil['before']:.0f}|{ceil['after']:.0f}" if ceil else "-"
         lines.append(
-            f"{r['where']:<8}{r['procs']:>6}{r['batch']:>6}{r['assignments']:>8}{r['assignments_per_s']:>10.1f}"
-            f"{r['files_per_s']:>9.1f}{r['claim_p50_ms']:>9.1f}ms{r['claim_p99_ms']:>9.1f}ms"
-            f"{r['publish_p50_ms']:>8.1f}ms{r['mean_batch']:>7.1f}{r['cpu_ms_per_assignment']:>9.1f}ms"
+            f"{r['where']:<12}{r['procs']:>6}{r['batch']:>6}{r['assignments']:>8}{r['assignments_per_s']:>10.1f}"
+            f"{ceiling:>16}{r.get('ratio', float('nan')):>7.2f}"
+            f"{r['claim_p50_ms']:>9.1f}ms{r['claim_p99_ms']:>9.1f}ms{r['hold_p50_ms']:>6.2f}ms"
+            f"{(ceil['hold_ms'] if ceil else float('nan')):>8.2f}ms"
+            f"{r['cpu_ms_per_assignment']:>9.1f}ms"
             f"{str(r['per_proc_min']) + '-' + str(r['per_proc_max']):>10}"
             f"{r['load_before']:>5.1f}->{r['load_after']:<4.1f}"
-            f"   {flask[0]}, {flask[1]} ms, {flask[2]} ms"
         )
+    lines.append("ceiling/s: the ceiling's transactions/s just before | just after; ratio = assign/s / their mean. "
+                 "hold: median lock hold of one claim (publish + claim next), ceil hold: of one ceiling transaction.")
     return "\n".join(lines)
+
+
+def tails(rows: list[dict]) -> list[str]:
+    """p99 claim latency with the most processes against the fewest, per place and batch size."""
+    out = []
+    keys = sorted({(r["where"], r["batch"]) for r in rows})
+    for where, batch in keys:
+        by_procs = {r["procs"]: r for r in rows if (r["where"], r["batch"]) == (where, batch)}
+        if len(by_procs) < 2:
+            continue
+        lo, hi = min(by_procs), max(by_procs)
+        a, b = by_procs[lo]["claim_p99_ms"], by_procs[hi]["claim_p99_ms"]
+        out.append(f"{where:<12} batch {batch:>3}: p99 {b:.1f} ms with {hi} processes vs {a:.1f} ms with {lo}: "
+                   f"{b / a:.2f}x (processes {hi / lo:.0f}x)")
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=f"{__doc__.splitlines()[0]} (ledgerbc {__version__})")
     ap.add_argument("--seconds", type=float, default=5.0, help="measured time per configuration")
+    ap.add_argument("--ceiling-seconds", type=float, default=3.0, help="measured time per ceiling run")
     ap.add_argument("--procs", default="8,32", help="comma-separated process counts")
     ap.add_argument("--batches", default="1,40", help="comma-separated batch sizes (files)")
     ap.add_argument("--where", default="local,gluster", help="local and/or gluster (gluster needs the env vars)")
+    ap.add_argument("--ceiling-frame", default="split", choices=("split", "inside"),
+                    help="the ceiling's frame (bench/ceiling.py); split is what db.Ledger.transact does")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--also-separate", action="store_true",
                     help="also run each configuration with claim and publish as two transactions (how workers "
                          "did it before they were merged into one; see docs/benchmarks.md)")
     args = ap.parse_args(argv)
 
-    places = []
-    for where in args.where.split(","):
-        if where == "local":
-            places.append(("local", [None]))
-        elif where == "gluster":
-            a, b = os.environ.get("LEDGERBC_TEST_GLUSTER_A"), os.environ.get("LEDGERBC_TEST_GLUSTER_B")
-            if a and b:
-                places.append(("gluster", [Path(a), Path(b)]))
-            else:
-                print("gluster: skipped (LEDGERBC_TEST_GLUSTER_A/B not set; ci/cluster-up.sh sets them)")
-    print(f"machine: {machine()}; SQLite {__import__('sqlite3').sqlite_version}")
-    rows = []
-    for where, mounts in places:
-        for batch in map(int, args.batches.split(",")):
-            for procs in map(int, args.procs.split(",")):
-                sub = f"ledgerbc-bench-{uuid.uuid4().hex[:10]}"
-                if mounts == [None]:
-                    folders = [Path(tempfile.mkdtemp(prefix=sub, dir="/tmp"))]
-                else:
-                    folders = [m / sub for m in mounts]
-                    folders[0].mkdir()
+    print(f"machine: {machine()}; SQLite {sqlite3.sqlite_version}; journal {db.JOURNAL_MODE}")
+    rows, ceilings = [], []
+    for where, mounts in places(args.where):
+        for procs in map(int, args.procs.split(",")):
+            before = run_ceiling(where, mounts, procs, args.ceiling_seconds, args.ceiling_frame)
+            ceilings.append(before)
+            print(f"  {where} procs={procs}: ceiling {before['tx_per_s']} tx/s (p99 {before['p99_ms']} ms)", flush=True)
+            group = []
+            for batch in map(int, args.batches.split(",")):
                 for separate in ([False, True] if args.also_separate else [False]):
-                    try:
-                        rate = 1000 if batch == 1 else 300  # generous upper guesses of assignments/s
-                        n = ledger_files(batch, procs, args.seconds, rate)
-                        row = run_config(where, folders, procs, batch, n, args.seconds, separate)
-                    finally:
-                        shutil.rmtree(folders[0], ignore_errors=True)
-                    folders[0].mkdir()  # the next mode starts from an empty folder
-                    rows.append(row)
+                    rate = 1000 if batch == 1 else 300  # generous upper guesses of assignments/s
+                    n = ledger_files(batch, procs, args.seconds, rate)
+                    row = run_config(where, mounts, procs, batch, n, args.seconds, separate)
+                    group.append(row)
                     print(f"  {row['where']} procs={procs} batch={batch}: {row['assignments_per_s']} assignments/s, "
                           f"claim p50 {row['claim_p50_ms']} ms, p99 {row['claim_p99_ms']} ms", flush=True)
-                shutil.rmtree(folders[0], ignore_errors=True)
+            after = run_ceiling(where, mounts, procs, args.ceiling_seconds, args.ceiling_frame)
+            ceilings.append(after)
+            print(f"  {where} procs={procs}: ceiling {after['tx_per_s']} tx/s (p99 {after['p99_ms']} ms)", flush=True)
+            mean = (before["tx_per_s"] + after["tx_per_s"]) / 2
+            for row in group:
+                row["ceiling"] = {"before": before["tx_per_s"], "after": after["tx_per_s"],
+                                  "hold_ms": round((before["hold_ms"] + after["hold_ms"]) / 2, 2),
+                                  "p99_ms": round((before["p99_ms"] + after["p99_ms"]) / 2, 2)}
+                row["ratio"] = round(row["assignments_per_s"] / mean, 2)
+            rows += group
     print()
     print(table(rows))
+    print()
+    for line in tails(rows):
+        print(line)
+    print()
+    from ceiling import table as ceiling_table  # noqa: E402
+
+    print("the ceiling runs:")
+    print(ceiling_table(ceilings))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": machine(), "rows": rows, "ceilings": ceilings}, indent=2) + "\n")
     return 0
 
 

@@ -13,6 +13,7 @@ renumbers rows under a live worker, which must still publish exactly its own fil
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -104,8 +105,21 @@ _NEW_BATCH = Prepared.of(sa.insert(B).values(
 _TAKE_FILE = Prepared.of(sa.update(P).where(P.id == p("id"), P.state == PENDING)
                          .values(state=CLAIMED, batch_id=p("batch_id")))
 _BEAT = Prepared.of(sa.update(B).where(B.id == p("batch_id")).values(heartbeat_at=p("now")))
-_BATCH_FILES = Prepared.of(sa.select(P.id, P.rel_path, P.file_identifier, P.size, P.read_count, P.samples, P.attempts)
-                           .where(P.batch_id == p("batch_id"), P.state == CLAIMED))
+_BATCH_FILES_COLUMNS = (P.id, P.rel_path, P.file_identifier, P.size, P.read_count, P.samples, P.attempts)
+_BATCH_FILES = Prepared.of(sa.select(*_BATCH_FILES_COLUMNS).where(P.batch_id == p("batch_id"), P.state == CLAIMED))
+# The same for files named by row id (a claim) or by path (a publication). There is no index on batch_id, so
+# _BATCH_FILES reads every claimed file of the ledger (those of every running batch: a page read each on a
+# network filesystem, 1.6 s of lock per publication with 1,000 running batches on GlusterFS,
+# bench/scale_limit.py); these look up only the batch's own rows, by primary key or by the unique rel_path:
+# the names (one parameter, a JSON array: still one prepared statement) drive the loop (CROSS JOIN keeps
+# SQLite from scanning a state index instead).
+_COLUMNS_SQL = ", ".join(f"pod5_files.{c.key}" for c in _BATCH_FILES_COLUMNS)
+_BATCH_FILES_BY_ID = Prepared.of(sa.text(
+    f"SELECT {_COLUMNS_SQL} FROM json_each(:names) AS n CROSS JOIN pod5_files ON pod5_files.id = n.value "
+    "WHERE pod5_files.batch_id = :batch_id AND pod5_files.state = :claimed").bindparams(claimed=CLAIMED))
+_BATCH_FILES_BY_REL = Prepared.of(sa.text(
+    f"SELECT {_COLUMNS_SQL} FROM json_each(:names) AS n CROSS JOIN pod5_files ON pod5_files.rel_path = n.value "
+    "WHERE pod5_files.batch_id = :batch_id AND pod5_files.state = :claimed").bindparams(claimed=CLAIMED))
 _FILE_DONE = Prepared.of(sa.update(P).where(P.id == p("id"), P.batch_id == p("batch_id"), P.state == CLAIMED).values(
     state=DONE, reads_pass=p("reads_pass"), reads_fail=p("reads_fail"), reads_missing=p("reads_missing"),
     bases=p("bases"), done_at=p("now"), last_error=None, isolate=False))
@@ -119,7 +133,7 @@ _PROVENANCE = Prepared.of(sa.update(B).where(B.id == p("batch_id"))
 _WORKER_DONE = Prepared.of(sa.update(W).where(W.worker_id == p("worker_id"))
                            .values(batches_done=W.batches_done + 1, last_seen=p("now")))
 HOT_PATH = (_EVENT, _OWNER, _TOUCH, _LIVE, _PENDING, _PENDING_OF_KEY, _NEW_BATCH, _TAKE_FILE, _BEAT,
-            _BATCH_FILES, _FILE_DONE, _OUTPUT, _FINISH, _PROVENANCE, _WORKER_DONE)
+            _BATCH_FILES, _BATCH_FILES_BY_ID, _BATCH_FILES_BY_REL, _FILE_DONE, _OUTPUT, _FINISH, _PROVENANCE, _WORKER_DONE)
 
 
 def event(conn, now, kind, worker_id=None, batch_id=None, file_id=None, message=None):
@@ -244,8 +258,9 @@ def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
         return None
     exhausted = len(pending) < lookahead
     chosen = choose_batch(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
-    if not exhausted and not chosen[0].isolate:
-        # A long queue holds other chemistries too: fill the batch from this chemistry's own rows.
+    if not exhausted and not chosen[0].isolate and any(r.chemistry != chosen[0].chemistry for r in pending):
+        # A long queue holds other chemistries too: fill the batch from this chemistry's own rows. (When
+        # every row read is of this chemistry, they are already its first rows: no second read.)
         same = _PENDING_OF_KEY.rows(conn, chemistry=chosen[0].chemistry, n=lookahead)
         chosen = choose_batch(same, settings.batch_files, settings.batch_bytes, live, exhausted=False)
     token = secrets.token_hex(8)
@@ -257,7 +272,8 @@ def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
         raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(chosen)} files.")
     touch_worker(conn, worker_id, now)
     files = [ClaimedFile(rel, fid, size, reads, samples, attempts, row_id)
-             for row_id, rel, fid, size, reads, samples, attempts in _BATCH_FILES.run(conn, batch_id=batch_id)]
+             for row_id, rel, fid, size, reads, samples, attempts in _BATCH_FILES_BY_ID.run(
+                 conn, batch_id=batch_id, names=json.dumps([r.id for r in chosen]))]
     order = {r.id: i for i, r in enumerate(chosen)}
     files.sort(key=lambda f: order[f.id])
     return Claim(batch_id, token, worker_id, files, chemistry)
@@ -333,9 +349,11 @@ def fail_files_now(conn, batch_id: int, ids, error: str) -> None:
         raise IllegalTransition(f"batch {batch_id}: {len(ids) - moved} of its files were not claimed by it.")
 
 
-def _batch_files(conn, batch_id: int) -> dict[str, tuple]:
-    """The files a batch still holds, by relative path: (row id, file_identifier)."""
-    return {rel: (row_id, fid) for row_id, rel, fid, *_ in _BATCH_FILES.run(conn, batch_id=batch_id)}
+def _batch_files(conn, batch_id: int, rels=None) -> dict[str, tuple]:
+    """The files a batch still holds (of `rels` only, when given), by relative path: (row id, file_identifier)."""
+    rows = (_BATCH_FILES.run(conn, batch_id=batch_id) if rels is None
+            else _BATCH_FILES_BY_REL.run(conn, batch_id=batch_id, names=json.dumps(list(rels))))
+    return {rel: (row_id, fid) for row_id, rel, fid, *_ in rows}
 
 
 def _finish_batch(conn, batch_id, state, now, error=None):
@@ -377,7 +395,7 @@ def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts
     def txn(conn):
         now = _now(ledger)
         _owned(conn, c)
-        held = _batch_files(conn, c.batch_id)
+        held = _batch_files(conn, c.batch_id, [r.rel for r in results])
         check_identities(held, c, [r.rel for r in results])
         if installer is not None:
             installer.run()

@@ -480,9 +480,12 @@ def submit(ledger_path, tasks, partition, time, gpus_per_task, account, cpus_per
     """Submit a Slurm array of workers (slurm_array.sh); sbatch options after `--` go to sbatch."""
     import shlex
 
-    from . import ledgerfile, slurm
+    from . import ledgerfile, limits, slurm
 
     ledger = ledgerfile.check(ledger_path_given(ledger_path)).absolute()
+    said = limits.warning(tasks, f"--tasks {tasks}")
+    if said:
+        click.echo(f"Warning: {said}", err=True)
     options = dict(partition=partition, time=time, gpus_per_task=gpus_per_task, account=account,
                    cpus_per_task=cpus_per_task, mem=mem, extra=extra, run_args=run_args)
     job_id = slurm.submit(ledger, tasks, **options)

@@ -7,6 +7,23 @@ Rules for SQLite on a shared (network) filesystem, each learnt the hard way:
 - A fresh connection per transaction (NullPool): no page cache survives another host's write.
 - Rollback journal, never WAL: WAL's shared memory does not work across hosts and loses updates.
 - `synchronous=FULL` and `BEGIN IMMEDIATE`: the write lock is taken at once, not on first write.
+
+The frame of one transaction (`Ledger._transaction`), and why each step is where it is:
+  open a new connection, set synchronous/foreign_keys   <- before the lock: opening reads only the file
+                                                           header SQLite always probes (no lock, no page
+                                                           cache), and these pragmas are settings of the
+                                                           connection (no I/O)
+  take the lock; BEGIN IMMEDIATE                        <- SQLite takes its own locks and reads the
+                                                           database from here on, under ours
+  PRAGMA journal_mode=<JOURNAL_MODE>                    <- inside the transaction it is a setting of
+                                                           this connection (no I/O, no second round of
+                                                           SQLite locking; a WAL file refuses it: then
+                                                           the next attempt converts it, see below)
+  the statements; COMMIT                                <- all of SQLite's locks are released here
+  release the lock; close the connection                <- closing does no I/O but a few stats of the file
+A transaction that fails is rolled back and its connection closed before the lock is released.
+On a network filesystem each file operation is a round trip: the frame keeps opening and closing (about a
+third of a bare transaction's file operations, bench/ceiling.py) out of the time the lock is held.
 """
 
 import contextlib
@@ -44,6 +61,11 @@ IO_RETRIES = 4
 # (milliseconds), well below the filesystems' timeouts; `doctor` compares them.
 LOCK_TRUST = float(os.environ.get("LEDGERBC_LOCK_TRUST", "15"))
 LOCK_TRUST_RETRIES = 3
+# A rollback journal, never WAL. DELETE creates and unlinks `<ledger>-journal` in each transaction; TRUNCATE
+# and PERSIST keep the file (empty, resp. with a zeroed header) between transactions. Any of the three is
+# safe across hosts: a journal is "hot" (rolled back by the next transaction, under our lock) only when it
+# is non-empty with a non-zero header and no SQLite lock is held, which only a crash mid-commit leaves.
+JOURNAL_MODE = "DELETE"
 
 _CORRUPT_MARKERS = ("file is not a database", "malformed", "not a database", "file is encrypted")
 _BUSY_MARKERS = ("database is locked", "database is busy", "database table is locked")
@@ -67,25 +89,60 @@ def _sqlite_connect(path: Path, create: bool):
     return conn
 
 
-def make_engine(path: Path, create: bool = False) -> sa.Engine:
-    """The only engine factory: NullPool, rollback journal, synchronous=FULL, BEGIN IMMEDIATE."""
+def make_engine(path: Path, create: bool = False, careful: bool = True) -> sa.Engine:
+    """The only engine factory: NullPool, rollback journal, synchronous=FULL, BEGIN IMMEDIATE.
+
+    `careful`: set the journal mode and synchronous=FULL as soon as a connection opens, which reads the
+    file's first page: for callers that create the file or already hold the lock (create, migrate).
+    `Ledger` opens connections before taking the lock and passes False: it sets them under the lock.
+    """
     engine = sa.create_engine(
         "sqlite://", creator=lambda: _sqlite_connect(path, create), poolclass=NullPool
     )
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=DELETE")
-        cur.execute("PRAGMA synchronous=FULL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
+        if careful:
+            set_pragmas(dbapi_conn)
+        dbapi_conn.execute("PRAGMA foreign_keys=ON")  # a setting of the connection (no I/O); a no-op in a transaction
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        dbapi_conn = conn.connection.dbapi_connection
+        dbapi_conn.execute("BEGIN IMMEDIATE")  # on the driver's connection: SQLAlchemy adds nothing here
+        check_pragmas(dbapi_conn)
 
     return engine
+
+
+class _Unsettled(Exception):
+    """A transaction began without our journal mode or synchronous=FULL: it must not go on."""
+
+
+def set_pragmas(dbapi_conn) -> None:
+    """Outside a transaction: JOURNAL_MODE (converts a WAL file back: needs no other process in the ledger)
+    and synchronous=FULL. Both read the database's first page (SQLite takes its shared lock for it)."""
+    dbapi_conn.execute(f"PRAGMA journal_mode={JOURNAL_MODE}")
+    dbapi_conn.execute("PRAGMA synchronous=FULL")
+
+
+def check_pragmas(dbapi_conn) -> None:
+    """Right after BEGIN IMMEDIATE, under the lock: put the transaction in JOURNAL_MODE and make sure the
+    commit syncs FULL, with no I/O. Inside a transaction a rollback mode is a setting of the connection that
+    applies from the first write; a WAL file refuses it, and synchronous cannot be changed (only read: it is
+    FULL unless this libsqlite3 was built with another default). Either raises _Unsettled, and the caller
+    retries with `set_pragmas` before BEGIN."""
+    try:
+        mode = dbapi_conn.execute(f"PRAGMA journal_mode={JOURNAL_MODE}").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        if "wal" in str(exc).lower():
+            raise _Unsettled(str(exc)) from None
+        raise
+    if str(mode).lower() != JOURNAL_MODE.lower():
+        raise _Unsettled(f"journal_mode is {mode}, not {JOURNAL_MODE}")
+    level = dbapi_conn.execute("PRAGMA synchronous").fetchone()[0]
+    if level != 2:  # 2 = FULL
+        raise _Unsettled(f"synchronous is {level}, not FULL (2)")
 
 
 def _flock(lock_path: Path) -> filelock.UnixFileLock:
@@ -243,6 +300,7 @@ class Ledger:
         self._lock = _flock(self.lock_path)
         self._turnstile = _Turnstile(Path(str(self.path) + ".turnstile"))
         self._engine = None
+        self._careful = False  # set_pragmas before every BEGIN (only where libsqlite3's default is not FULL)
         self._schema_checked = False
         self._file_checked = False
         self.lock_trust = LOCK_TRUST
@@ -322,6 +380,35 @@ class Ledger:
                 ) from None
 
     # -- transactions ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self, careful: bool = False, undo=None):
+        """One transaction in the frame of the module docstring; yields its SQLAlchemy connection.
+
+        `careful` (a retry after an I/O error or unsettled pragmas): `set_pragmas` before BEGIN, under the
+        lock (it reads the first page): converts a WAL file back, and sets synchronous=FULL where this
+        libsqlite3 defaults to less. `undo`: see `transact`.
+        """
+        conn = self._get_engine().connect()  # a new sqlite3 connection (NullPool); no lock, no read yet
+        committed = False
+        try:
+            with self.locked():
+                try:
+                    if careful or self._careful:
+                        set_pragmas(conn.connection.dbapi_connection)
+                    with conn.begin():
+                        yield conn
+                        if conn.connection.dbapi_connection.in_transaction and _wrote(conn):
+                            self.check_lock_trusted()  # raising here rolls the transaction back
+                    committed = True
+                finally:
+                    if not committed:
+                        conn.close()  # rolled back and closed while the lock is still ours
+                        if undo is not None:
+                            undo()
+        finally:
+            if committed:
+                conn.close()  # SQLite released its locks at COMMIT: closing needs no lock of ours
+
     def transact(self, fn, *args, undo=None, **kwargs):
         """Run `fn(conn, *args, **kwargs)` in one short exclusive transaction and return its result.
 
@@ -332,16 +419,13 @@ class Ledger:
         database (a publication's renames).
         """
         self.check_file()
-        busy = io = lost = 0
+        busy = io = lost = unsettled = 0
         while True:
             try:
-                with self.locked():
-                    try:
-                        result = self._run(fn, args, kwargs)
-                    except BaseException:
-                        if undo is not None:
-                            undo()
-                        raise
+                with self._transaction(careful=io > 0 or unsettled > 0, undo=undo) as conn:
+                    if not self._schema_checked:
+                        self._check_schema(conn)
+                    result = fn(conn, *args, **kwargs)
                 self.note_contact()
                 return result
             except errors.LockMaybeLost:
@@ -349,6 +433,14 @@ class Ledger:
                 if lost > LOCK_TRUST_RETRIES:
                     raise
                 continue  # a fresh lock: the next attempt is quick unless this process is frozen again
+            except _Unsettled as exc:
+                if unsettled:  # set before BEGIN, under the lock, and still not right
+                    raise errors.LedgerError(
+                        f"ledger {self.path}: {exc}: a ledger on a shared filesystem needs a rollback journal "
+                        "and synchronous=FULL. Run `ledgerbc doctor`."
+                    ) from None
+                unsettled += 1
+                self._careful = "synchronous" in str(exc)  # this libsqlite3's default: every time from now on
             except (sa.exc.OperationalError, sa.exc.DatabaseError, sqlite3.DatabaseError) as exc:
                 kind = _classify(exc)
                 if kind == "full":
@@ -381,18 +473,6 @@ class Ledger:
                     f"ledger {self.path}: {_short(exc)}. Run `ledgerbc doctor`."
                 ) from None
 
-    def _run(self, fn, args, kwargs):
-        """One attempt, the lock held: a fresh connection, BEGIN IMMEDIATE, fn, COMMIT (unless the lock
-        may have been lost meanwhile and fn wrote)."""
-        engine = self._get_engine()
-        with engine.connect() as conn, conn.begin():
-            if not self._schema_checked:
-                self._check_schema(conn)
-            result = fn(conn, *args, **kwargs)
-            if conn.connection.dbapi_connection.in_transaction and _wrote(conn):
-                self.check_lock_trusted()  # raising here rolls the transaction back
-        return result
-
     def note_contact(self) -> None:
         now = self.clock()
         if self.last_contact is None or now - self.last_contact > self.stall_gap:
@@ -401,7 +481,7 @@ class Ledger:
 
     def _get_engine(self):
         if self._engine is None:
-            self._engine = make_engine(self.path)
+            self._engine = make_engine(self.path, careful=False)
         return self._engine
 
     def _check_schema(self, conn):
@@ -438,15 +518,17 @@ class Ledger:
         """
         self.check_file()
         try:
-            with self.locked():
-                with self._get_engine().connect() as conn, conn.begin():
-                    try:
-                        version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-                    except sa.exc.OperationalError as exc:
-                        if _classify(exc) != "other":
-                            raise
-                        version = None
-                    lines = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check").fetchall()]
+            with self._transaction(careful=True) as conn:  # doctor: also converts a WAL file back
+                try:
+                    version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+                except sa.exc.OperationalError as exc:
+                    if _classify(exc) != "other":
+                        raise
+                    version = None
+                lines = [row[0] for row in conn.exec_driver_sql("PRAGMA integrity_check").fetchall()]
+        except _Unsettled as exc:
+            raise errors.LedgerError(f"ledger {self.path}: {exc}. Stop the workers and run `ledgerbc doctor` "
+                                     "again.") from None
         except (sa.exc.OperationalError, sa.exc.DatabaseError, sqlite3.DatabaseError) as exc:
             if _classify(exc) == "corrupt":
                 raise errors.LedgerCorrupt(

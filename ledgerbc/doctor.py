@@ -160,7 +160,23 @@ def ledger_checks(ledger) -> tuple[list[Check], object | None]:
                             "`ledgerbc recover --rebuild --input DIR --output DIR`.", errors.LedgerCorrupt.exit_code))
     else:
         checks.append(Check(OK, "counts", "every claimed file belongs to a running batch, every running batch has files"))
+    checks.append(workers_check(ledger, settings))
     return checks, settings
+
+
+def workers_check(ledger, settings) -> Check:
+    """Live workers (heartbeat within lease + clock skew) against what one ledger carries (limits.py)."""
+    from . import claim, limits
+
+    try:
+        live = ledger.transact(lambda conn: claim._live_workers(conn, ledger.clock(), settings.lease + settings.clock_skew))
+    except errors.LedgerError as exc:
+        return Check(FAIL, "workers", str(exc), exc.exit_code)
+    said = limits.warning(live, f"{live} live workers")
+    if said:
+        return Check(WARN, "workers", said)
+    return Check(OK, "workers", f"{live} live workers (one ledger carries ~{limits.LEDGER_WORKERS_LIMIT:,}: "
+                 "bench/scale_limit.py)")
 
 
 def _invariant_violations(conn) -> list[str]:

@@ -143,7 +143,7 @@ def test_doctor_passes_on_local_disk(make_ledger, dorado_on_path):
     result, lines = doctor_cli(ledger.path)
     assert result.exit_code == 0, result.output
     names = [line.split(":", 1)[0].split()[1] for line in lines]
-    assert names == ["mount", "lock", "clock", "integrity", "schema", "counts", "dorado", "model"]
+    assert names == ["mount", "lock", "clock", "integrity", "schema", "counts", "workers", "dorado", "model"]
     assert all(line.startswith("ok    ") for line in lines), result.output
     assert "1.1.1+simulated" in lines[names.index("dorado")]
 
@@ -255,3 +255,23 @@ def test_clock_skew_against_the_file_server(tmp_path):
     assert check.status == doctor.WARN and "+120" in check.detail and "--clock-skew" in check.detail
     assert doctor.clock_check(tmp_path, 300, clock=behind).status == doctor.OK
     assert not list(tmp_path.iterdir()), "the probe file must be removed"
+
+
+def test_doctor_warns_when_live_workers_approach_what_one_ledger_carries(make_ledger, dorado_on_path, monkeypatch):
+    from ledgerbc import claim, limits
+
+    monkeypatch.setattr(limits, "LEDGER_WORKERS_LIMIT", 10)
+    ledger, _ = make_ledger(n_files=1)
+    for i in range(7):
+        claim.register_worker(ledger, f"w{i}@gpu", "gpu", i, None)
+    result, lines = doctor_cli(ledger.path)
+    assert result.exit_code == 0, result.output
+    assert [line for line in lines if line.startswith("ok    workers:")] == [
+        "ok    workers: 7 live workers (one ledger carries ~10: bench/scale_limit.py)"]
+    claim.register_worker(ledger, "w7@gpu", "gpu", 7, None)
+    claim.worker_exited(ledger, "w0@gpu")  # an exited worker does not count
+    claim.register_worker(ledger, "w8@gpu", "gpu", 8, None)
+    result, lines = doctor_cli(ledger.path)
+    assert result.exit_code == 0, result.output  # a warning
+    warn = [line for line in lines if line.startswith("warn  workers:")]
+    assert len(warn) == 1 and warn[0].startswith("warn  workers: 8 live workers: one ledger loses about 1%")

@@ -332,3 +332,16 @@ def test_submit_finalize_chains_a_second_sbatch_after_the_array(sbatch, hostile_
 def test_submit_without_finalize_submits_one_job(sbatch, hostile_ledger):
     assert invoke("submit", "--ledger", hostile_ledger, "--tasks", 2).exit_code == 0
     assert len(sbatch.calls()) == 1
+
+
+def test_submit_warns_when_the_tasks_approach_what_one_ledger_carries(sbatch, hostile_ledger, monkeypatch):
+    from ledgerbc import limits
+
+    monkeypatch.setattr(limits, "LEDGER_WORKERS_LIMIT", 100)
+    result = invoke("submit", "--ledger", hostile_ledger, "--tasks", 10)
+    assert result.exit_code == 0 and "Warning" not in result.stderr
+    result = invoke("submit", "--ledger", hostile_ledger, "--tasks", 90)
+    assert result.exit_code == 0, result.output  # a warning, not a refusal: the array is submitted
+    assert result.stderr.startswith("Warning: --tasks 90: one ledger loses about 1% of GPU time")
+    assert "bench/scale_limit.py" in result.stderr and "--batch-size" in result.stderr
+    assert [c[1] for c in sbatch.calls()] == ["--array=0-9", "--array=0-89"]

@@ -24,7 +24,7 @@ def test_doctor_passes_on_the_gluster_mounts(gluster_root, bin_dir, tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert [line.split(":", 1)[0] for line in lines] == [
             "ok    mount", "ok    lock", "ok    clock", "ok    integrity", "ok    schema", "ok    counts",
-            "ok    dorado", "ok    model"], proc.stdout
+            "ok    workers", "ok    dorado", "ok    model"], proc.stdout
         assert "fuse.glusterfs" in lines[0] and str(root) in lines[0]
     # the ledger's OUTPUT_DIR (its own folder) is found through whichever mount the reader uses
     assert Ledger(root_b / "output" / "ledgerbc.db").read_settings().output_dir == str(root_b / "output")
