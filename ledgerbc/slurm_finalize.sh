@@ -20,7 +20,7 @@ set -euo pipefail
 
 if [[ $# -lt 1 || -z $1 ]]; then
     echo "Error: no ledger given. Submit with: sbatch slurm_finalize.sh LEDGER [finalize options]" >&2
-    exit 3
+    exit 4  # as `ledgerbc` itself without a ledger
 fi
 export LEDGERBC_LEDGER=$1
 shift

@@ -116,8 +116,8 @@ def test_array_script_is_installed_and_linked_at_top_level():
                           "--output=ledgerbc-%A_%a.out"]
 
 
-def _run_script(tmp_path, *args, env_extra=None):
-    """Run slurm_array.sh with a fake ledgerbc (LEDGERBC_EXE) that records argv, env and pid."""
+def _run_script(tmp_path, *args, env_extra=None, script=None):
+    """Run slurm_array.sh (or `script`) with a fake ledgerbc (LEDGERBC_EXE) that records argv, env and pid."""
     record = tmp_path / "exe-record.json"
     fake = tmp_path / "fake ledgerbc"
     fake.write_text(
@@ -131,7 +131,7 @@ def _run_script(tmp_path, *args, env_extra=None):
     env = dict(os.environ)  # conftest.py removed the shell's LEDGERBC_*
     env["LEDGERBC_EXE"] = str(fake)
     env.update(env_extra or {})
-    proc = subprocess.Popen(["bash", str(slurm.array_script()), *args], env=env, cwd=tmp_path,
+    proc = subprocess.Popen(["bash", str(script or slurm.array_script()), *args], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=30)
     data = json.loads(record.read_text()) if record.exists() else None
@@ -155,10 +155,12 @@ def test_script_keeps_the_users_device(tmp_path, args, env):
     assert data["argv"] == ["run", *args]
 
 
-def test_script_without_ledger_or_executable(tmp_path):
-    proc, data, err = _run_script(tmp_path)
+@pytest.mark.parametrize("script", ["array", "finalize"])
+def test_script_without_ledger_or_executable(tmp_path, script):
+    path = slurm.array_script() if script == "array" else slurm.finalize_script()
+    proc, data, err = _run_script(tmp_path, script=path)
     assert proc.returncode == 4 and data is None and "no ledger given" in err
-    proc, data, err = _run_script(tmp_path, "/l.db", env_extra={"LEDGERBC_EXE": str(tmp_path / "missing")})
+    proc, data, err = _run_script(tmp_path, "/l.db", env_extra={"LEDGERBC_EXE": str(tmp_path / "missing")}, script=path)
     assert proc.returncode == 3 and data is None and "LEDGERBC_EXE" in err
 
 
