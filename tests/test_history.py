@@ -1,0 +1,92 @@
+"""Random histories of a study must end exactly once (issue 11; the harness is tests/history.py).
+
+- `test_history[<seed>]`: LEDGERBC_HISTORIES in-process histories (default 120, about three minutes here): fixed
+  seeds, so CI is repeatable, plus LEDGERBC_RANDOM_HISTORIES new ones per run (default 3, their seeds in the
+  test ids and printed).
+- `test_history_with_processes[<seed>]`: LEDGERBC_SUBPROCESS_HISTORIES histories (default 2) with real
+  `ledgerbc run` workers, real signals and real time.
+- `test_seeded_history`: replays LEDGERBC_HISTORY_SEED (mode LEDGERBC_HISTORY_MODE, default inprocess; step
+  kinds left out: LEDGERBC_HISTORY_WITHOUT, as the soak's --without); with LEDGERBC_HISTORY_MINIMISE=1 it also
+  prints a shorter history failing the same way.
+- The named tests below are histories found by the soak (bench/history_soak.py), written down step by step.
+
+A failing history prints its seed, its steps, the violations and the ledger's rows.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+import history
+from history import Plan, Step
+
+N = int(os.environ.get("LEDGERBC_HISTORIES", "120"))
+N_RANDOM = int(os.environ.get("LEDGERBC_RANDOM_HISTORIES", "3"))
+N_PROCESSES = int(os.environ.get("LEDGERBC_SUBPROCESS_HISTORIES", "2"))
+RANDOM_SEEDS = [random.SystemRandom().randrange(10**6, 10**9) for _ in range(N_RANDOM)]
+if RANDOM_SEEDS:
+    print(f"test_history: random seeds this run: {RANDOM_SEEDS}")
+
+
+def _assert_ok(outcome: history.Outcome) -> None:
+    if not outcome.ok:
+        pytest.fail("\n" + outcome.report(), pytrace=False)
+
+
+@pytest.mark.parametrize("seed", list(range(1, max(0, N - N_RANDOM) + 1)) + RANDOM_SEEDS)
+def test_history(seed, tmp_path):
+    _assert_ok(history.run_seed(seed, tmp_path / "study"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [10_001 + n for n in range(N_PROCESSES)])
+def test_history_with_processes(seed, tmp_path):
+    _assert_ok(history.run_seed(seed, tmp_path / "study", mode="subprocess"))
+
+
+@pytest.mark.skipif("LEDGERBC_HISTORY_SEED" not in os.environ, reason="set LEDGERBC_HISTORY_SEED to replay a history")
+def test_seeded_history(tmp_path):
+    outcome = history.run_seed(int(os.environ["LEDGERBC_HISTORY_SEED"]), tmp_path / "study",
+                               os.environ.get("LEDGERBC_HISTORY_MODE", "inprocess"),
+                               without=tuple(filter(None, os.environ.get("LEDGERBC_HISTORY_WITHOUT", "").split(","))))
+    if not outcome.ok and os.environ.get("LEDGERBC_HISTORY_MINIMISE") == "1":
+        print("minimised:\n" + history.minimise(outcome.plan, tmp_path / "minimise").describe())
+    _assert_ok(outcome)
+
+
+# -- histories found by the soak, step by step ------------------------------------------------------------------
+def plan(steps, mode="inprocess", **config) -> Plan:
+    base = dict(barcoded=False, emit="fastq", batch_files=1, min_qscore=0.0, max_attempts=3, tmpfs=False, at_init=0)
+    return Plan(0, mode, {**base, **config}, [Step(op, tuple(args)) for op, *args in steps])
+
+
+def publish(worker: str, stages: int = 8) -> list:
+    """Steps that take a worker through one claim to its publication (a stage per step)."""
+    return [("step", worker, "finish")] * stages
+
+
+def test_a_pod5_moved_after_its_publication_is_not_basecalled_again_after_a_rebuild(tmp_path):
+    """`mv run1/x.pod5 run2/x.pod5` after x was published, then the ledger is lost: the rebuild finds x's
+    outputs under run1/ but no run1/x.pod5, and run2/x.pod5 (the same pod5) as new: its reads are published twice."""
+    steps = [("add", "a01", "run1/pod5/x_1.pod5"), ("init",), ("start", "w1"), *publish("w1"),
+             ("move", 0, "run2/pod5/x_1.pod5"), ("lose-ledger", "delete")]
+    _assert_ok(history.run_plan(plan(steps), tmp_path / "study"))
+
+
+def test_a_pod5_moved_twice_before_it_is_basecalled_is_published_once_and_verifies(tmp_path):
+    """`mv a/x b/x`, scan, `mv b/x c/x`, scan: c/x is the original; a/x and b/x are gone (a/x still names b/x,
+    gone itself). Its reads must be published once, and verify must accept the chain of moves."""
+    steps = [("add", "a00", "run1/x_1.pod5"), ("init",), ("move", 0, "run2/x_1.pod5"), ("scan",),
+             ("move", 0, "run3/x_1.pod5"), ("scan",)]
+    _assert_ok(history.run_plan(plan(steps), tmp_path / "study"))
+
+
+@pytest.mark.skipif(not history.tmpfs_possible(), reason="needs root to mount a small tmpfs as OUTPUT_DIR")
+def test_a_full_disk_met_while_linking_a_batch_leaves_no_half_made_folder(tmp_path):
+    """The disk fills between a claim and its ASSIGNED folder: the worker exits 11 (its ledger write fails too,
+    so the batch expires) and the hidden `.ASSIGNED_<batch>_<worker>.tmp-*` folder must not stay forever."""
+    steps = [("add", "a01", "run1/x_1.pod5"), ("init",), ("start", "w1"), ("step", "w1", "go"), ("step", "w1", "go"),
+             ("fill-disk", 0), ("step", "w1", "go")]
+    _assert_ok(history.run_plan(plan(steps, tmpfs=True), tmp_path / "study"))
