@@ -24,7 +24,7 @@ disk with its own eyes: every read of every distinct pod5 (file_identifier) publ
 outputs of a path that held that pod5; nothing published for files not done; the ledger's counts equal the
 files on disk; no work folder left; and, once the product has it, `ledgerbc verify --deep` agrees.
 
-Replay a history: `LEDGERBC_HISTORY_SEED=123 pytest tests/test_history.py -k seeded` (a failing history
+Replay a history: `LEDGERBC_TEST_HISTORY_SEED=123 pytest tests/test_history.py -k seeded` (a failing history
 prints its seed, its steps and the violations).
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ LIBRARY_VERSION = 1
 
 def library() -> dict[str, LibFile]:
     """The pool of pod5 files histories copy from (tiny: 1-12 reads each), built once in a cache folder."""
-    root = Path(os.environ.get("LEDGERBC_HISTORY_CACHE") or tempfile.gettempdir()) / (
+    root = Path(os.environ.get("LEDGERBC_TEST_HISTORY_CACHE") or tempfile.gettempdir()) / (
         f"ledgerbc-history-library-v{LIBRARY_VERSION}-{os.getuid()}")
     spec = _library_spec()
     if not (root / "complete").exists():
@@ -286,7 +286,7 @@ class Truth:
 # -- the study on disk ---------------------------------------------------------------------------------------
 def tmpfs_possible() -> bool:
     """Can this process mount a small tmpfs for OUTPUT_DIR (root, and `mount` present)? Then histories fill it."""
-    return os.geteuid() == 0 and shutil.which("mount") is not None and os.environ.get("LEDGERBC_HISTORY_TMPFS", "1") != "0"
+    return os.geteuid() == 0 and shutil.which("mount") is not None and os.environ.get("LEDGERBC_TEST_HISTORY_TMPFS", "1") != "0"
 
 
 class Study:
@@ -1094,8 +1094,8 @@ class Outcome:
         if self.log:
             parts += ["ledgerbc warnings (last 30):"] + [f"  {line}" for line in self.log[-30:]]
         without = ",".join(self.plan.config.get("without", ()))
-        parts.append(f"replay: LEDGERBC_HISTORY_SEED={self.plan.seed} LEDGERBC_HISTORY_MODE={self.plan.mode} "
-                     + (f"LEDGERBC_HISTORY_WITHOUT={without} " if without else "") + "pytest tests/test_history.py -k seeded")
+        parts.append(f"replay: LEDGERBC_TEST_HISTORY_SEED={self.plan.seed} LEDGERBC_TEST_HISTORY_MODE={self.plan.mode} "
+                     + (f"LEDGERBC_TEST_HISTORY_WITHOUT={without} " if without else "") + "pytest tests/test_history.py -k seeded")
         return "\n".join(parts)
 
 
@@ -1252,7 +1252,7 @@ class Subprocesses:
         return [p for p in self.procs.get(wid, []) if p.poll() is None]
 
     def _signal(self, proc, sig, with_children: bool = True) -> None:
-        from recovery_helpers import children_of
+        from helpers import children_of
 
         pids = [proc.pid] + (children_of(proc.pid) if with_children else [])
         for pid in pids:
@@ -1372,6 +1372,6 @@ class Subprocesses:
                 if p.poll() is None:
                     self._signal(p, signal.SIGCONT)
                     self._signal(p, signal.SIGKILL)
-        from recovery_helpers import kill_leftovers
+        from helpers import kill_leftovers
 
         kill_leftovers(str(self.study.root) + os.sep)  # dorado children of workers killed alone

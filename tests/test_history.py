@@ -1,12 +1,12 @@
 """Random histories of a study must end exactly once (issue 11; the harness is tests/history.py).
 
-- `test_history[<seed>]`: LEDGERBC_HISTORIES in-process histories (default 120, about three minutes here): fixed
-  seeds, so CI is repeatable, plus LEDGERBC_RANDOM_HISTORIES new ones per run (default 3, their seeds in the
+- `test_history[<seed>]`: LEDGERBC_TEST_HISTORIES in-process histories (default 120, about three minutes here): fixed
+  seeds, so CI is repeatable, plus LEDGERBC_TEST_RANDOM_HISTORIES new ones per run (default 3, their seeds in the
   test ids and printed).
-- `test_history_with_processes[<seed>]`: LEDGERBC_SUBPROCESS_HISTORIES histories (default 2) with real
+- `test_history_with_processes[<seed>]`: LEDGERBC_TEST_SUBPROCESS_HISTORIES histories (default 2) with real
   `ledgerbc run` workers, real signals and real time.
-- `test_seeded_history`: replays LEDGERBC_HISTORY_SEED (mode LEDGERBC_HISTORY_MODE, default inprocess; step
-  kinds left out: LEDGERBC_HISTORY_WITHOUT, as the soak's --without); with LEDGERBC_HISTORY_MINIMISE=1 it also
+- `test_seeded_history`: replays LEDGERBC_TEST_HISTORY_SEED (mode LEDGERBC_TEST_HISTORY_MODE, default inprocess; step
+  kinds left out: LEDGERBC_TEST_HISTORY_WITHOUT, as the soak's --without); with LEDGERBC_TEST_HISTORY_MINIMISE=1 it also
   prints a shorter history failing the same way.
 - The named tests below are histories found by the soak (bench/history_soak.py), written down step by step.
 
@@ -22,9 +22,9 @@ import pytest
 import history
 from history import Plan, Step
 
-N = int(os.environ.get("LEDGERBC_HISTORIES", "120"))
-N_RANDOM = int(os.environ.get("LEDGERBC_RANDOM_HISTORIES", "3"))
-N_PROCESSES = int(os.environ.get("LEDGERBC_SUBPROCESS_HISTORIES", "2"))
+N = int(os.environ.get("LEDGERBC_TEST_HISTORIES", "120"))
+N_RANDOM = int(os.environ.get("LEDGERBC_TEST_RANDOM_HISTORIES", "3"))
+N_PROCESSES = int(os.environ.get("LEDGERBC_TEST_SUBPROCESS_HISTORIES", "2"))
 RANDOM_SEEDS = [random.SystemRandom().randrange(10**6, 10**9) for _ in range(N_RANDOM)]
 if RANDOM_SEEDS:
     print(f"test_history: random seeds this run: {RANDOM_SEEDS}")
@@ -46,12 +46,12 @@ def test_history_with_processes(seed, tmp_path):
     _assert_ok(history.run_seed(seed, tmp_path / "study", mode="subprocess"))
 
 
-@pytest.mark.skipif("LEDGERBC_HISTORY_SEED" not in os.environ, reason="set LEDGERBC_HISTORY_SEED to replay a history")
+@pytest.mark.skipif("LEDGERBC_TEST_HISTORY_SEED" not in os.environ, reason="set LEDGERBC_TEST_HISTORY_SEED to replay a history")
 def test_seeded_history(tmp_path):
-    outcome = history.run_seed(int(os.environ["LEDGERBC_HISTORY_SEED"]), tmp_path / "study",
-                               os.environ.get("LEDGERBC_HISTORY_MODE", "inprocess"),
-                               without=tuple(filter(None, os.environ.get("LEDGERBC_HISTORY_WITHOUT", "").split(","))))
-    if not outcome.ok and os.environ.get("LEDGERBC_HISTORY_MINIMISE") == "1":
+    outcome = history.run_seed(int(os.environ["LEDGERBC_TEST_HISTORY_SEED"]), tmp_path / "study",
+                               os.environ.get("LEDGERBC_TEST_HISTORY_MODE", "inprocess"),
+                               without=tuple(filter(None, os.environ.get("LEDGERBC_TEST_HISTORY_WITHOUT", "").split(","))))
+    if not outcome.ok and os.environ.get("LEDGERBC_TEST_HISTORY_MINIMISE") == "1":
         print("minimised:\n" + history.minimise(outcome.plan, tmp_path / "minimise").describe())
     _assert_ok(outcome)
 
