@@ -2,7 +2,7 @@
 
 - `test_history[<seed>]`: LEDGERBC_TEST_HISTORIES in-process histories (default 120, about three minutes here): fixed
   seeds, so CI is repeatable, plus LEDGERBC_TEST_RANDOM_HISTORIES new ones per run (default 3, their seeds in the
-  test ids and printed).
+  test ids and printed); all but the first QUICK are marked slow.
 - `test_history_with_processes[<seed>]`: LEDGERBC_TEST_SUBPROCESS_HISTORIES histories (default 2) with real
   `ledgerbc run` workers, real signals and real time.
 - `test_seeded_history`: replays LEDGERBC_TEST_HISTORY_SEED (mode LEDGERBC_TEST_HISTORY_MODE, default inprocess; step
@@ -35,7 +35,11 @@ def _assert_ok(outcome: history.Outcome) -> None:
         pytest.fail("\n" + outcome.report(), pytrace=False)
 
 
-@pytest.mark.parametrize("seed", list(range(1, max(0, N - N_RANDOM) + 1)) + RANDOM_SEEDS)
+QUICK = 10  # histories in the quick run (`-m "not slow"`); the rest are marked slow, as CI runs them all
+
+
+@pytest.mark.parametrize("seed", [pytest.param(seed, marks=[pytest.mark.slow] if n >= QUICK else [])
+                                  for n, seed in enumerate(list(range(1, max(0, N - N_RANDOM) + 1)) + RANDOM_SEEDS)])
 def test_history(seed, tmp_path):
     _assert_ok(history.run_seed(seed, tmp_path / "study"))
 
