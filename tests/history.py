@@ -422,6 +422,7 @@ class Gate:
         self.lock_checks: int | None = None  # die (or stall) at this many more lock checks of a publication
         self.stall = False
         self.job = None  # the BatchRun it is in, while in one
+        self.nap = 0.0  # how long its last nap was meant to last (a watchman's)
 
     # the worker's side
     def wait(self, stage: str) -> str:
@@ -590,6 +591,7 @@ class SteppedWorker(run.Worker):
         return super().patiently(fn, *args, **kwargs)
 
     def nap(self, seconds: float) -> None:
+        self.gate.nap = seconds
         self.gate.wait("nap")  # the watchman: the history moves the clock
 
     def _leave(self, pending, code) -> None:
@@ -835,19 +837,21 @@ class InProcess:
                 return
             self.run_out([self.start(f"drain{round_}")])
 
-    def run_out(self, handles: list[Handle], max_steps: int = 2000) -> None:
-        """Step workers until they exit, as a real one runs: dorado finishes, the watchman's naps take a heartbeat."""
+    def run_out(self, handles: list[Handle], rounds: int = 1000) -> None:
+        """Step workers until they exit, as real ones run side by side: each moves one stage a round, dorado
+        finishes when asked, and the clock moves by the longest nap of the round (a watchman's)."""
         for h in handles:
             h.gate.auto = True
-        for _ in range(max_steps):
+        for _ in range(rounds):
             live = [h for h in handles if h.alive]
             if not live:
                 return
+            self.clock.now += max((h.gate.nap for h in live if h.stage == "nap"), default=0)
             for h in live:
-                if h.stage == "nap":
-                    self.clock.now += HEARTBEAT
                 h.gate.send("finish" if h.stage == "basecall" else "go")
-        self.violations.append(f"workers {[h.wid for h in handles if h.alive]} still running after {max_steps} steps")
+        running = _running(self.ledger())
+        self.violations.append(f"workers (id, stage) {[(h.wid, h.stage) for h in handles if h.alive]} still running after "
+                               f"{rounds} rounds; running batches (id, worker, heartbeat age): {running}")
 
     def outcomes(self) -> list[str]:
         """Violations in how the workers ended: a crash, a traceback in the log, an unexpected exit code."""
@@ -869,6 +873,14 @@ class InProcess:
                     h.gate.send("kill")
                 except Stuck:
                     pass
+
+
+def _running(ledger: Ledger) -> list:
+    try:
+        return [(b.id, b.worker_id, round(ledger.clock() - b.heartbeat_at)) for b in ledger.transact(
+            lambda c: c.execute(sa.select(models.Batch).where(models.Batch.state == models.RUNNING)).all())]
+    except LedgerError as exc:
+        return [str(exc)]
 
 
 def _settled(ledger: Ledger) -> bool:
@@ -1103,6 +1115,7 @@ def run_plan(plan: Plan, root: Path) -> Outcome:
     """Execute a plan in `root` (a fresh folder), drain, check."""
     started = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
+    descriptors = set(os.listdir("/proc/self/fd"))
     study = Study(root, plan)
     watch = _LogWatch()
     logger = logging.getLogger("ledgerbc")
@@ -1131,9 +1144,24 @@ def run_plan(plan: Plan, root: Path) -> Outcome:
         logger.removeHandler(watch)
         logger.setLevel(old_level)
         study.close()
+        _close_descriptors(descriptors)
     lines = watch.lines() + getattr(runner, "log_lines", [])
     did = runner.did + Counter(what for line in lines for what in _LOGGED if what in line)
     return Outcome(plan, violations, study.truth.notes, lines, time.monotonic() - started, did)
+
+
+def _close_descriptors(before: set[str]) -> None:
+    """Close what a history's Ledger objects left open: each keeps its `<ledger>.turnstile` (and lock file) open
+    for the life of the process, which is right for a worker (one Ledger a process) but a history makes dozens,
+    and a soak hundreds of histories (rebuild's own, aside, included). A lazily unmounted tmpfs lives as long."""
+    for fd in set(os.listdir("/proc/self/fd")) - before:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if re.search(r"/\.?ledgerbc\.db[^/]*\.(turnstile|lock)( \(deleted\))?$", target):
+            with contextlib.suppress(OSError):
+                os.close(int(fd))
 
 
 # Log lines worth counting as coverage: what the product said it did.
