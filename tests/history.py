@@ -196,7 +196,8 @@ def generate(seed: int, mode: str = "inprocess", tmpfs: bool | None = None) -> P
         skew = rng.choice([0, 0, 0, 20, -20, 90, -90]) if mode == "inprocess" else 0
         steps.append(Step("start", (wid, skew) if skew else (wid,)))
 
-    weights = dict(add=8, copy=3, move=3, scan=5, start=4, step=36, kill=4, freeze=3, thaw=3, term=1, advance=6,
+    partial: list[int] = []  # files placed half-written, not completed yet
+    weights = dict(add=8, complete=3, copy=3, move=3, scan=5, start=4, step=36, kill=4, freeze=3, thaw=3, term=1, advance=6,
                    recover=3, recover_force=1, retry=2, lose_ledger=2, disk=2, scenario=3)
     if mode == "inprocess":
         weights.update(kill_in_publish=2, stall_in_publish=1, janitor=4)
@@ -205,13 +206,20 @@ def generate(seed: int, mode: str = "inprocess", tmpfs: bool | None = None) -> P
         possible = {
             "add": placed < n_files, "copy": placed > 0, "move": placed > 0, "start": len(workers) - len(frozen) < 4,
             "thaw": bool(frozen), "disk": config["tmpfs"], "freeze": w is not None and w not in frozen,
+            "complete": bool(partial),
         }
         kinds = [k for k in weights if possible.get(k, w is not None or k in ("scan", "advance", "recover",
                                                                               "recover_force", "retry", "lose_ledger"))]
         kind = rng.choices(kinds, [weights[k] for k in kinds])[0]
         if kind == "add":
-            steps.append(Step("add", (chosen[placed], new_rel())))
+            if rng.random() < 0.15:  # copied in place, not atomically: a scan may see it half-written
+                steps.append(Step("add-partial", (chosen[placed], new_rel())))
+                partial.append(placed)
+            else:
+                steps.append(Step("add", (chosen[placed], new_rel())))
             placed += 1
+        elif kind == "complete":
+            steps.append(Step("complete", (partial.pop(rng.randrange(len(partial))),)))
         elif kind in ("copy", "move"):
             steps.append(Step(kind, (rng.randrange(placed), new_rel(kind.upper()))))
         elif kind == "start":
@@ -245,9 +253,10 @@ def generate(seed: int, mode: str = "inprocess", tmpfs: bool | None = None) -> P
             _scenario(rng, steps, w, mode)
         else:  # scan, recover, recover_force, retry
             steps.append(Step(kind.replace("_", "-")))
-    while placed < n_files:  # every chosen file arrives before the end
+    while placed < n_files:  # every chosen file arrives before the end, complete
         steps.append(Step("add", (chosen[placed], new_rel())))
         placed += 1
+    steps += [Step("complete", (slot,)) for slot in partial]
     return Plan(seed, mode, config, steps)
 
 
@@ -280,6 +289,7 @@ def _scenario(rng, steps, w, mode) -> None:
 class Truth:
     held: dict[str, str] = field(default_factory=dict)  # every rel path ever placed -> library key it held
     slots: list[str] = field(default_factory=list)  # the n-th file placed -> its current rel path
+    partial: set[int] = field(default_factory=set)  # slots still half-written
     notes: list[str] = field(default_factory=list)  # what happened, for the report of a failing history
 
 
@@ -329,8 +339,27 @@ class Study:
         self.truth.slots.append(rel)
         return True
 
+    def add_partial(self, key: str, rel: str) -> bool:
+        """A copy in place, caught halfway: the first half of the pod5 under its final name (`complete` ends it)."""
+        if key not in self.lib or rel in self.truth.held or key in self.truth.held.values():
+            return False
+        (self.input / rel).parent.mkdir(parents=True, exist_ok=True)
+        synth.truncate_copy(self.lib[key].path, self.input / rel)
+        self.truth.held[rel] = key
+        self.truth.slots.append(rel)
+        self.truth.partial.add(len(self.truth.slots) - 1)
+        return True
+
+    def complete(self, slot: int) -> bool:
+        if slot not in self.truth.partial:
+            return False
+        self.truth.partial.discard(slot)
+        rel = self.truth.slots[slot]
+        shutil.copyfile(self.lib[self.truth.held[rel]].path, self.input / rel)
+        return True
+
     def copy(self, slot: int, rel: str) -> bool:
-        if slot >= len(self.truth.slots) or rel in self.truth.held:
+        if slot >= len(self.truth.slots) or rel in self.truth.held or slot in self.truth.partial:
             return False
         src = self.truth.slots[slot]
         self._place(self.input / src, rel, self.truth.held[src], copy=True)
@@ -755,12 +784,16 @@ class InProcess:
         s = self.study
         for n, st in enumerate(plan.steps):
             self.at = n
-            h = self.handles.get(st.args[0]) if st.args and st.op not in ("add", "copy", "move", "advance",
-                                                                            "lose-ledger", "fill-disk", "free-disk") else None
+            h = self.handles.get(st.args[0]) if st.args and st.op not in (
+                "add", "add-partial", "complete", "copy", "move", "advance", "lose-ledger", "fill-disk", "free-disk") else None
             # what the step met, for the coverage counts (`Outcome.did`)
             self.did[f"{st.op}@{h.stage}" if h and h.alive and (not h.frozen or st.op == "kill") else st.op] += 1
             if st.op == "add":
                 s.add(*st.args)
+            elif st.op == "add-partial":
+                s.add_partial(*st.args)
+            elif st.op == "complete":
+                s.complete(*st.args)
             elif st.op == "copy":
                 s.copy(*st.args)
             elif st.op == "move":
@@ -953,14 +986,12 @@ def check(study: Study, ledger: Ledger) -> list[str]:
     v: list[str] = []
     barcoded = study.config["barcoded"]
     disk = pod5_on_disk(study.input)
-    key_of_fid: dict[str, str] = {}
-    reads_of: dict[str, set[str]] = {}  # library key -> read ids
-    for rel, (fid, ids) in disk.items():
+    reads_of: dict[str, set[str]] = {}  # library key (one pod5 file_identifier) -> read ids
+    for rel, (_fid, ids) in disk.items():
         key = study.truth.held.get(rel)
         if key is None:
             v.append(f"{rel}: a pod5 on disk that the history never placed")
             continue
-        key_of_fid[fid] = key
         reads_of[key] = set(ids)
     outputs = _outputs_on_disk(study)
     # 1. each output holds reads of the pod5 its path held, every record once; every read once overall
@@ -1054,8 +1085,9 @@ def check(study: Study, ledger: Ledger) -> list[str]:
     left = [p.name for p in work.iterdir() if p.name.startswith("ASSIGNED_") or p.name.startswith(".ASSIGNED_")] \
         if work.is_dir() else []
     staging = [p.name for p in (work / "staging").iterdir()] if (work / "staging").is_dir() else []
-    if left or staging:
-        v.append(f"work folders left: {left + staging}")
+    leases = [p.name for p in Path(f"{study.ledger_path}.leases").glob("*")]
+    if left or staging or leases:
+        v.append(f"work folders left: {left + staging}, lease files left: {leases}")
     temps = [p for top in ("pass", "fail", "summary") for p in (study.output / top).rglob(".*")]
     if temps:
         v.append(f"temporary files left in the outputs: {[str(t) for t in temps[:3]]}")
@@ -1302,6 +1334,10 @@ class Subprocesses:
             self.did[st.op + ("@live" if newest else "")] += 1
             if st.op == "add":
                 s.add(*st.args)
+            elif st.op == "add-partial":
+                s.add_partial(*st.args)
+            elif st.op == "complete":
+                s.complete(*st.args)
             elif st.op == "copy":
                 s.copy(*st.args)
             elif st.op == "move":
