@@ -38,7 +38,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     history.library()
     started = time.monotonic()
-    seconds, counts, failed, coverage, kinds = Counter(), Counter(), [], Counter(), {}
+    seconds, counts, failed, kinds = Counter(), Counter(), [], {}
+    coverage = {"inprocess": Counter(), "subprocess": Counter()}
     for n in range(args.histories):
         seed = args.first_seed + n
         mode = "subprocess" if args.subprocess_every and n % args.subprocess_every == args.subprocess_every - 1 \
@@ -47,7 +48,7 @@ def main() -> int:
         result = history.run_seed(seed, root, mode, without=tuple(filter(None, args.without.split(","))))
         seconds[mode] += result.seconds
         counts[mode] += 1
-        coverage += result.did
+        coverage[mode] += result.did
         status = "ok" if result.ok else f"FAILED: {result.violations[0].splitlines()[0][:160]}"
         print(f"seed {seed} {mode} {len(result.plan.steps)} steps {result.seconds:.1f}s {status}", flush=True)
         if result.ok:
@@ -70,7 +71,8 @@ def main() -> int:
     print(f"  failing seeds: {failed or 'none'} (reports in {out})")
     for kind, seeds in sorted(kinds.items(), key=lambda item: -len(item[1])):
         print(f"  {len(seeds):4d} x {kind}  (seeds {seeds[:8]})")
-    print("coverage: " + ", ".join(f"{k} {v}" for k, v in sorted(coverage.items())))
+    for mode in sorted(counts):
+        print(f"coverage ({mode}): " + ", ".join(f"{k} {v}" for k, v in sorted(coverage[mode].items())))
     return 1 if failed else 0
 
 
