@@ -1425,8 +1425,10 @@ class Subprocesses:
                 self.did[f"worker exit {p.returncode}"] += 1
                 if "Traceback" in text:
                     out.append(f"a traceback in the log of worker {wid} (pid {p.pid}):\n{text[-3000:]}")
-                # 4: the ledger was lost for a whole lease; 5: it was started while the ledger was corrupt
-                if p.returncode not in (None, 0, 4, 5, 11, 143, -signal.SIGKILL):
+                # 4: the ledger was lost for a whole lease; 5: it was started while the ledger was corrupt; SIGTERM
+                # before Python installed the handler (still starting, nothing logged yet) ends it as the signal does
+                early_term = p.returncode == -signal.SIGTERM and not text.strip()
+                if p.returncode not in (None, 0, 4, 5, 11, 143, -signal.SIGKILL) and not early_term:
                     out.append(f"worker {wid} (pid {p.pid}) exited {p.returncode}:\n{text[-2000:]}")
         return out
 
