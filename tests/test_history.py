@@ -94,3 +94,12 @@ def test_a_full_disk_met_while_linking_a_batch_leaves_no_half_made_folder(tmp_pa
     steps = [("add", "a01", "run1/x_1.pod5"), ("init",), ("start", "w1"), ("step", "w1", "go"), ("step", "w1", "go"),
              ("fill-disk", 0), ("step", "w1", "go")]
     _assert_ok(history.run_plan(plan(steps, tmpfs=True), tmp_path / "study"))
+
+
+def test_a_file_retried_half_written_then_moved_does_not_wait_forever(tmp_path):
+    """Copied in place and caught half-written by init's scan (failed at admission), `retry` makes it waiting; then
+    it is moved away (and completed there, where it is basecalled). Its old path must not stay waiting forever:
+    `finalize` refuses while any file waits."""
+    steps = [("add-partial", "a01", "run1/x_1.pod5"), ("init",), ("retry",), ("move", 0, "run2/x_1.pod5"),
+             ("complete", 0)]
+    _assert_ok(history.run_plan(plan(steps), tmp_path / "study"))
