@@ -671,17 +671,90 @@ class _LogWatch(logging.Handler):
         return [f"{r.name} {r.levelname}: {r.getMessage()}" for r in self.records if r.levelno >= level]
 
 
-class InProcess:
-    """Runs a plan's steps against the library in this process."""
+_WORKER_STEPS = ("start", "step", "kill", "kill-in-publish", "stall-in-publish", "freeze", "thaw", "term", "janitor")
+_FILE_STEPS = {"add": "add", "add-partial": "add_partial", "complete": "complete", "copy": "copy", "move": "move"}
+
+
+class Runner:
+    """What both ways of running a plan share: the steps on files and disk, the operator's commands, the drain.
+    A subclass runs the workers (`worker_step`, `resume_all`, `clean_worker`) and the commands."""
+
+    rounds = 6  # operator rounds of the drain (recover, retry, a clean worker)
 
     def __init__(self, study: Study):
         self.study = study
+        self.violations: list[str] = []
+        self.did: Counter = Counter()  # what the steps met and how workers ended: coverage
+        self.initialised = False
+        self.at = None
+
+    def execute(self, plan: Plan) -> None:
+        s = self.study
+        for n, st in enumerate(plan.steps):
+            self.at = n
+            self.did[self.met(st)] += 1
+            if st.op in _FILE_STEPS:
+                getattr(s, _FILE_STEPS[st.op])(*st.args)
+            elif st.op == "init":
+                self.init()
+            elif not self.initialised:
+                continue  # before init (a minimised history): nothing else applies
+            elif st.op in ("scan", "retry"):
+                getattr(self, st.op)()
+            elif st.op in ("recover", "recover-force"):
+                self.recover(force=st.op == "recover-force")
+            elif st.op == "lose-ledger":
+                if not s.full and s.ledger_path.exists():  # (a rebuild cannot write a full disk either)
+                    s.lose_ledger(st.args[0])
+                    self.rebuild()
+            elif st.op == "fill-disk":
+                s.fill(st.args[0])
+            elif st.op == "free-disk":
+                s.free()
+            elif st.op in ("advance", "sleep"):  # the fake clock moves; real time passes
+                self.pass_time(st.args[0])
+            else:
+                self.worker_step(st)
+            self.violations += published_twice(s)
+            if self.violations:
+                return
+
+    def drain(self) -> None:
+        """The end of the run: the disk freed, frozen workers resumed and every live worker run to its exit; then
+        the operator recovers, retries failed files and runs a clean worker, until nothing is left."""
+        s = self.study
+        s.free()
+        if not self.initialised:
+            self.init()
+        self.resume_all()
+        for round_ in range(self.rounds):
+            if self.violations:
+                return
+            self.before_round()
+            if not s.ledger_path.exists():
+                self.rebuild()
+            self.recover(force=False)
+            self.retry()  # (rescans too)
+            if round_ and _settled(self.ledger()):
+                return
+            self.clean_worker(f"drain{round_}")
+
+    def before_round(self) -> None:
+        pass
+
+    def met(self, st: Step) -> str:
+        return st.op
+
+
+class InProcess(Runner):
+    """Runs a plan's steps against the library in this process."""
+
+    def __init__(self, study: Study):
+        super().__init__(study)
         self.clock = Clock()
         self.handles: dict[str, Handle] = {}  # the newest incarnation of each worker id
         self.all: list[Handle] = []
-        self.violations: list[str] = []
         self.settings: Settings | None = None
-        self.did: Counter = Counter()
 
     def ledger(self) -> Ledger:
         return Ledger(self.study.ledger_path, clock=self.clock)
@@ -690,6 +763,7 @@ class InProcess:
     def init(self) -> None:
         init_ledger(self.study.settings())
         self.settings = self.ledger().read_settings()
+        self.initialised = True
 
     def operator(self, what: str, fn, *args, **kwargs):
         """An operator's command: a LedgerError is its one-line refusal (e.g. a full disk), not a bug."""
@@ -780,95 +854,51 @@ class InProcess:
                 self.study.truth.notes.append(f"janitor of {h.wid}: {exc}")
 
     # -- a plan --
-    def execute(self, plan: Plan) -> None:
-        s = self.study
-        for n, st in enumerate(plan.steps):
-            self.at = n
-            h = self.handles.get(st.args[0]) if st.args and st.op not in (
-                "add", "add-partial", "complete", "copy", "move", "advance", "lose-ledger", "fill-disk", "free-disk") else None
-            # what the step met, for the coverage counts (`Outcome.did`)
-            self.did[f"{st.op}@{h.stage}" if h and h.alive and (not h.frozen or st.op == "kill") else st.op] += 1
-            if st.op == "add":
-                s.add(*st.args)
-            elif st.op == "add-partial":
-                s.add_partial(*st.args)
-            elif st.op == "complete":
-                s.complete(*st.args)
-            elif st.op == "copy":
-                s.copy(*st.args)
-            elif st.op == "move":
-                s.move(*st.args)
-            elif st.op == "init":
-                self.init()
-            elif self.settings is None:
-                continue  # before init (a minimised history): nothing else applies
-            elif st.op == "scan":
-                self.scan()
-            elif st.op == "start":
-                old = self.handles.get(st.args[0])
-                # a new worker, a task requeued after it died, or one requeued while the old incarnation is
-                # frozen on its node (the same worker id twice)
-                if old is None or not old.alive or old.frozen:
-                    self.start(*st.args)
-            elif st.op == "step" and h:
-                self.step(h, st.args[1])
-            elif st.op == "kill" and h:
-                self.kill(h)
-            elif st.op in ("kill-in-publish", "stall-in-publish") and h:
-                self.in_publish(h, st.args[1], stall=st.op == "stall-in-publish")
-            elif st.op == "freeze" and h:
-                self.freeze(h, st.args[1] == "with-dorado")
-            elif st.op == "thaw":
-                for old in self.all:  # every incarnation of that worker id
-                    if old.wid == st.args[0]:
-                        old.frozen = False
-            elif st.op == "term" and h:
-                if h.alive and h.worker is not None:
-                    h.worker.stop.requested = True
-            elif st.op == "janitor" and h:
-                self.janitor_pass(h)
-            elif st.op == "advance":
-                self.clock.now += st.args[0]
-            elif st.op == "recover":
-                self.recover(False)
-            elif st.op == "recover-force":
-                self.recover(True)
-            elif st.op == "retry":
-                self.retry()
-            elif st.op == "lose-ledger":
-                if not s.full and s.ledger_path.exists():
-                    s.lose_ledger(st.args[0])
-                    self.rebuild()
-            elif st.op == "fill-disk":
-                s.fill(st.args[0])
-            elif st.op == "free-disk":
-                s.free()
-            self.violations += published_twice(s)
-            if self.violations:
-                return
+    def met(self, st: Step) -> str:
+        h = self.handles.get(st.args[0]) if st.op in _WORKER_STEPS else None
+        return f"{st.op}@{h.stage}" if h and h.alive and (not h.frozen or st.op == "kill") else st.op
 
-    def drain(self) -> None:
-        """The end of the run: frozen workers resume, every live worker runs to its exit; then the operator
-        recovers, retries failed files and runs a clean worker until nothing is left."""
-        s = self.study
-        s.free()
-        if self.settings is None:
-            self.init()
+    def worker_step(self, st: Step) -> None:
+        wid = st.args[0]
+        h = self.handles.get(wid)
+        if st.op == "start":
+            # a new worker, a task requeued after it died, or one requeued while the old incarnation is frozen
+            # on its node (the same worker id twice)
+            if h is None or not h.alive or h.frozen:
+                self.start(*st.args)
+        elif st.op == "thaw":
+            for old in self.all:  # every incarnation of that worker id
+                if old.wid == wid:
+                    old.frozen = False
+        elif h is None:
+            return
+        elif st.op == "step":
+            self.step(h, st.args[1])
+        elif st.op == "kill":
+            self.kill(h)
+        elif st.op in ("kill-in-publish", "stall-in-publish"):
+            self.in_publish(h, st.args[1], stall=st.op == "stall-in-publish")
+        elif st.op == "freeze":
+            self.freeze(h, st.args[1] == "with-dorado")
+        elif st.op == "term":
+            if h.alive and h.worker is not None:
+                h.worker.stop.requested = True
+        elif st.op == "janitor":
+            self.janitor_pass(h)
+
+    def pass_time(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    def resume_all(self) -> None:
         for h in self.all:
             h.frozen = False
         self.run_out([h for h in self.all if h.alive])
-        for round_ in range(6):
-            if self.violations:
-                return
-            self.clock.now += WINDOW + 1
-            if not s.ledger_path.exists():
-                self.rebuild()
-            self.recover(False)
-            self.retry()
-            self.scan()
-            if round_ and _settled(self.ledger()):
-                return
-            self.run_out([self.start(f"drain{round_}")])
+
+    def before_round(self) -> None:
+        self.clock.now += WINDOW + 1  # whatever is still running is expired
+
+    def clean_worker(self, wid: str) -> None:
+        self.run_out([self.start(wid)])
 
     def run_out(self, handles: list[Handle], rounds: int = 1000) -> None:
         """Step workers until they exit, as real ones run side by side: each moves one stage a round, dorado
@@ -1256,13 +1286,16 @@ def minimise(plan: Plan, root: Path, budget: float = 900.0) -> Plan:
 
 
 # -- subprocess histories ---------------------------------------------------------------------------------------
-class Subprocesses:
+class Subprocesses(Runner):
     """Runs a plan with real `ledgerbc run` processes (short lease, real time), real signals, and the CLI for
     every operator step. A SIGKILL takes the worker's dorado with it (Slurm kills the task's cgroup); a
     SIGSTOP without dorado lets dorado run on."""
 
+    rounds = 4
+    patience = 8 * (REAL_LEASE + REAL_SKEW) + 120  # how long the drain waits for workers to exit (real seconds)
+
     def __init__(self, study: Study):
-        self.study = study
+        super().__init__(study)
         self.bin = study.root / "bin"
         install_fake_dorado(self.bin)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
@@ -1271,12 +1304,12 @@ class Subprocesses:
         self.env = env
         self.procs: dict[str, list[subprocess.Popen]] = defaultdict(list)
         self.frozen: set[int] = set()
-        self.violations: list[str] = []
         self.log_lines: list[str] = []
-        self.settings = None
-        self.n = 0
-        self.did: Counter = Counter()
 
+    def ledger(self) -> Ledger:
+        return Ledger(self.study.ledger_path)
+
+    # -- operators: the CLI --
     def cli(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
         from helpers import ledgerbc_argv
 
@@ -1288,18 +1321,28 @@ class Subprocesses:
             self.violations.append(f"`ledgerbc {args[0]}` crashed:\n{done.stderr[-3000:]}")
         return done
 
-    def ledger_cli(self, *args):
-        return self.cli(*args, "--ledger", self.study.ledger_path)
-
     def init(self) -> None:
-        init_ledger(self.study.settings())
-        self.settings = True
+        init_ledger(self.study.settings())  # the library: the CLI has no --kit-name yet
+        self.initialised = True
 
-    def start(self, wid: str) -> None:
-        self.n += 1
+    def scan(self) -> None:
+        self.cli("scan", "--ledger", self.study.ledger_path)
+
+    def recover(self, force: bool) -> None:
+        self.cli("recover", "--ledger", self.study.ledger_path, *(["--force"] if force else []))
+
+    def retry(self) -> None:
+        self.cli("retry", "--all-failed", "--ledger", self.study.ledger_path)
+
+    def rebuild(self) -> None:
+        time.sleep(0.5)  # workers meet the lost ledger before the operator notices
+        self.cli("recover", "--rebuild", "--input", self.study.input, "--output", self.study.output)
+
+    # -- workers: processes and signals --
+    def start(self, wid: str) -> subprocess.Popen:
         from helpers import ledgerbc_argv
 
-        log_path = self.study.root / f"worker-{wid}-{self.n}.log"
+        log_path = self.study.root / f"worker-{wid}-{sum(map(len, self.procs.values()))}.log"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
                 ledgerbc_argv() + ["run", "--ledger", str(self.study.ledger_path), "--worker-id", f"{wid}@history"],
@@ -1307,15 +1350,15 @@ class Subprocesses:
                 cwd=self.study.root)
         proc.log_path = log_path
         self.procs[wid].append(proc)
+        return proc
 
-    def _live(self, wid: str) -> list[subprocess.Popen]:
+    def _live(self, wid) -> list[subprocess.Popen]:
         return [p for p in self.procs.get(wid, []) if p.poll() is None]
 
     def _signal(self, proc, sig, with_children: bool = True) -> None:
         from helpers import children_of
 
-        pids = [proc.pid] + (children_of(proc.pid) if with_children else [])
-        for pid in pids:
+        for pid in [proc.pid] + (children_of(proc.pid) if with_children else []):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             if sig == signal.SIGSTOP:
@@ -1325,96 +1368,53 @@ class Subprocesses:
         if sig == signal.SIGKILL:
             proc.wait()
 
-    def execute(self, plan: Plan) -> None:
-        s = self.study
-        for n, st in enumerate(plan.steps):
-            self.at = n
-            live = self._live(st.args[0]) if st.args and isinstance(st.args[0], str) else []
-            newest = live[-1] if live else None
-            self.did[st.op + ("@live" if newest else "")] += 1
-            if st.op == "add":
-                s.add(*st.args)
-            elif st.op == "add-partial":
-                s.add_partial(*st.args)
-            elif st.op == "complete":
-                s.complete(*st.args)
-            elif st.op == "copy":
-                s.copy(*st.args)
-            elif st.op == "move":
-                s.move(*st.args)
-            elif st.op == "init":
-                self.init()
-            elif self.settings is None:
-                continue
-            elif st.op == "scan":
-                self.ledger_cli("scan")
-            elif st.op == "start":
-                if not live or all(p.pid in self.frozen for p in live):
-                    self.start(st.args[0])
-            elif st.op == "sleep":
-                time.sleep(st.args[0])
-            elif st.op == "kill" and newest:
-                self._signal(newest, signal.SIGCONT)
-                self._signal(newest, signal.SIGKILL)
-            elif st.op == "freeze" and newest and newest.pid not in self.frozen:
-                self._signal(newest, signal.SIGSTOP, with_children=st.args[1] == "with-dorado")
-            elif st.op == "thaw":
-                for p in live:
-                    self._signal(p, signal.SIGCONT)
-            elif st.op == "term" and newest:
-                self._signal(newest, signal.SIGTERM, with_children=False)
-            elif st.op == "recover":
-                self.ledger_cli("recover")
-            elif st.op == "recover-force":
-                self.ledger_cli("recover", "--force")
-            elif st.op == "retry":
-                self.ledger_cli("retry", "--all-failed")
-            elif st.op == "lose-ledger":
-                if not s.full and s.ledger_path.exists():
-                    s.lose_ledger(st.args[0])
-                    time.sleep(0.5)  # workers meet the lost ledger before the operator notices
-                    self.cli("recover", "--rebuild", "--input", s.input, "--output", s.output)
-            elif st.op == "fill-disk":
-                s.fill(st.args[0])
-            elif st.op == "free-disk":
-                s.free()
-            self.violations += published_twice(s)
-            if self.violations:
-                return
+    def met(self, st: Step) -> str:
+        return st.op + ("@live" if st.op in _WORKER_STEPS and self._live(st.args[0]) else "")
 
-    def wait_all(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def worker_step(self, st: Step) -> None:
+        live = self._live(st.args[0])
+        newest = live[-1] if live else None
+        if st.op == "start":
+            if not live or all(p.pid in self.frozen for p in live):
+                self.start(st.args[0])
+        elif st.op == "thaw":
+            for p in live:
+                self._signal(p, signal.SIGCONT)
+        elif newest is None:
+            return
+        elif st.op == "kill":
+            self._signal(newest, signal.SIGCONT)
+            self._signal(newest, signal.SIGKILL)
+        elif st.op == "freeze" and newest.pid not in self.frozen:
+            self._signal(newest, signal.SIGSTOP, with_children=st.args[1] == "with-dorado")
+        elif st.op == "term":
+            self._signal(newest, signal.SIGTERM, with_children=False)
+
+    def pass_time(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def wait_all(self) -> None:
+        deadline = time.monotonic() + self.patience
         for wid, procs in self.procs.items():
             for p in procs:
                 try:
                     p.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    self.violations.append(f"worker {wid} (pid {p.pid}) did not exit within {timeout:.0f}s of the drain:\n"
-                                           + p.log_path.read_text(errors="replace")[-3000:])
+                    self.violations.append(f"worker {wid} (pid {p.pid}) did not exit within {self.patience:.0f}s of the "
+                                           "drain:\n" + p.log_path.read_text(errors="replace")[-3000:])
                     return
 
-    def drain(self) -> None:
-        s = self.study
-        s.free()
-        if self.settings is None:
-            self.init()
+    def resume_all(self) -> None:
         for procs in self.procs.values():
             for p in procs:
                 if p.poll() is None:
                     self._signal(p, signal.SIGCONT)
         # A frozen worker resumed past its lease exits on its own (fenced); live ones finish as watchmen do.
-        self.wait_all(8 * (REAL_LEASE + REAL_SKEW) + 60)
-        for round_ in range(4):
-            if self.violations:
-                return
-            if not s.ledger_path.exists():
-                self.cli("recover", "--rebuild", "--input", s.input, "--output", s.output)
-            self.ledger_cli("recover")
-            self.ledger_cli("retry", "--all-failed")
-            if round_ and _settled(Ledger(s.ledger_path)):
-                return
-            self.start(f"drain{round_}")
-            self.wait_all(8 * (REAL_LEASE + REAL_SKEW) + 120)
+        self.wait_all()
+
+    def clean_worker(self, wid: str) -> None:
+        self.start(wid)
+        self.wait_all()
 
     def outcomes(self) -> list[str]:
         out = []
