@@ -328,7 +328,6 @@ class Study:
             heartbeat=HEARTBEAT if self.plan.mode == "inprocess" else REAL_HEARTBEAT,
             clock_skew=SKEW if self.plan.mode == "inprocess" else REAL_SKEW, max_attempts=c["max_attempts"],
             min_qscore=c["min_qscore"], emit=c["emit"], kit_name=KIT if c["barcoded"] else None,
-            dorado_args=["--kit-name", KIT] if c["barcoded"] else [],
         )
 
     # -- files: each rel path holds one pod5 in a history, never another one later --
@@ -567,10 +566,15 @@ class SteppedBatchRun(BatchRun):
         return super().execute()
 
     def basecall(self) -> str:
-        from ledgerbc import dorado
+        from ledgerbc import dorado, modelplan
 
         crew = self.crew
-        argv = dorado.build_argv(crew.settings, self.assigned, crew.device, crew.executable)
+        argv = dorado.build_argv(crew.settings, self.assigned, crew.device, crew.executable,
+                                 modelplan.model_for(crew.settings, self.batch.chemistry))
+        if crew.settings.kit_name and "--kit-name" not in argv:
+            # dorado classifies while it basecalls (DESIGN §5); until build_argv passes the study's kit itself
+            # (`init --kit-name`, refused as a --dorado-arg), the harness does, so barcoded outputs have barcodes.
+            argv += ["--kit-name", crew.settings.kit_name]
         self.proc = InProcessDorado(argv, self.staging / "calls.bam", crew.layout.log(self.batch.batch_id))
         while True:  # what BatchRun.basecall does each tick, one tick per step
             order = self.gate.wait("basecall")
@@ -618,6 +622,9 @@ class SteppedWorker(run.Worker):
         if name == "claim_batch":
             self.gate.wait("claim")
         return super().patiently(fn, *args, **kwargs)
+
+    def dorado_version(self) -> str:
+        return standin.version()  # what `dorado --version` of the stand-in says, without a process
 
     def nap(self, seconds: float) -> None:
         self.gate.nap = seconds
