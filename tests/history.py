@@ -1307,7 +1307,8 @@ class Subprocesses(Runner):
         install_fake_dorado(self.bin)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERBC_")}
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
-        env["LEDGERBC_SIM_SECONDS_PER_MB"] = "3"  # a batch basecalls for about a second: time to hit it
+        # dorado takes 10-20 s to start; the stand-in 1.5 s, then about a second per batch: time to hit it mid-batch
+        env.update(LEDGERBC_SIM_DELAY="1.5", LEDGERBC_SIM_SECONDS_PER_MB="3")
         self.env = env
         self.procs: dict[str, list[subprocess.Popen]] = defaultdict(list)
         self.frozen: set[int] = set()
