@@ -731,6 +731,8 @@ class Runner:
         the operator recovers, retries failed files and runs a clean worker, until nothing is left."""
         s = self.study
         s.free()
+        for slot in sorted(s.truth.partial):  # the copies in place end (a history cut short by `minimise` too)
+            s.complete(slot)
         if not self.initialised:
             self.init()
         self.resume_all()
