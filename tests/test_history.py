@@ -103,3 +103,23 @@ def test_a_file_retried_half_written_then_moved_does_not_wait_forever(tmp_path):
     steps = [("add-partial", "a01", "run1/x_1.pod5"), ("init",), ("retry",), ("move", 0, "run2/x_1.pod5"),
              ("complete", 0)]
     _assert_ok(history.run_plan(plan(steps), tmp_path / "study"))
+
+
+def test_a_copy_moved_away_after_its_claimed_original_vanished_names_the_new_original(tmp_path):
+    """x moved while claimed (its batch fails it; the new path is recorded as its duplicate), then moved again
+    before the next scan: the old original is gone with no copy on disk, so its duplicate is gone too, and
+    both must name the newest path, the original now (verify: never a duplicate or gone of a gone path)."""
+    steps = [("add", "a14", "run2/pod5/x_4.pod5"), ("add", "a16", "run2/pod5/x_24.pod5"), ("init",),
+             ("move", 1, "run2/pod5/MOVE_43.pod5"), ("start", "w1", 20), *publish("w1", 2), ("scan",),
+             ("move", 1, "élan/with space/MOVE_18.pod5")]
+    _assert_ok(history.run_plan(plan(steps), tmp_path / "study"))
+
+
+def test_outputs_of_a_publication_cut_short_do_not_outlive_a_rebuild_when_the_pod5_moved(tmp_path):
+    """A worker killed between the renames of a barcoded publication (some barcode outputs of x in place, not
+    its summary, the done marker), then x is moved and the ledger lost: the rebuild must remove x's half
+    publication, as a reclaim would, or x's reads are out twice once its new path is published."""
+    steps = [("add", "s1", "run1/pod5/more/x_9.pod5"), ("add", "a11", "run1/pod5/x_11.pod5"), ("init",),
+             ("start", "w1", 20), ("step", "w1", "lease-beat"), ("step", "w1", "ledger-beat"),
+             ("kill-in-publish", "w1", 3), ("move", 1, "élan/with space/MOVE_33.pod5"), ("lose-ledger", "delete")]
+    _assert_ok(history.run_plan(plan(steps, barcoded=True, batch_files=2), tmp_path / "study"))
