@@ -145,7 +145,7 @@ class BatchRun:
         """The ASSIGNED folder: made under a hidden name, then renamed into place complete."""
         if self.assigned.is_dir():
             return self._links()
-        tmp = self.assigned.with_name(f".{self.assigned.name}.tmp-{self.batch.token}")
+        tmp = self.crew.layout.half_made(self.batch.batch_id, self.crew.worker_id, self.batch.token)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         root = Path(self.crew.settings.input_dir)

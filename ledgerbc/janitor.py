@@ -235,9 +235,11 @@ def reclaim_own_stale(ledger, settings, worker_id: str) -> list[int]:
 
 
 def cleanup(ledger, layout: Layout, report: JanitorReport) -> None:
-    """Remove ASSIGNED folders and staging of batches that are over (never of a running one)."""
+    """Remove ASSIGNED folders (also half-made ones: a worker died, or met a full disk, while linking) and
+    staging of batches that are over (never of a running one)."""
     on_disk = {batch_id: path for batch_id, _w, path in layout.assigned_dirs()}
-    for batch_id, _path in layout.staging_dirs():
+    others = list(layout.staging_dirs()) + list(layout.half_made_dirs())
+    for batch_id, _path in others:
         on_disk.setdefault(batch_id, None)
     if not on_disk:
         return
@@ -247,7 +249,7 @@ def cleanup(ledger, layout: Layout, report: JanitorReport) -> None:
     for batch_id in on_disk:
         if states.get(batch_id) in (None, RUNNING):
             continue  # unknown to this ledger (a rebuild will adopt it) or still running
-        for path in layout.assigned_dirs_for(batch_id) + [p for b, p in layout.staging_dirs() if b == batch_id]:
+        for path in layout.assigned_dirs_for(batch_id) + [p for b, p in others if b == batch_id]:
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
                 report.cleaned.append(str(path.relative_to(layout.output)))

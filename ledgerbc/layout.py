@@ -17,6 +17,7 @@ SUMMARY_COLUMNS = (
 # unbarcoded study: pycoQC and NanoPlot take it as "no barcode" (docs/qc-clients.md).
 UNCLASSIFIED = "unclassified"
 _ASSIGNED = re.compile(r"^ASSIGNED_(\d+)_(.+)$")
+_HALF_MADE = re.compile(r"^\.ASSIGNED_(\d+)_.+\.tmp-[^.]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 WORKER_ID_OK = re.compile(r"^[A-Za-z0-9._@:+-]+$")
 
@@ -103,6 +104,18 @@ class Layout:
 
     def assigned(self, batch_id: int, worker_id: str) -> Path:
         return self.work / f"ASSIGNED_{batch_id}_{worker_id}"
+
+    def half_made(self, batch_id: int, worker_id: str, token: str) -> Path:
+        """Where a batch's ASSIGNED folder is made, under a hidden name, before it is renamed into place."""
+        return self.work / f".ASSIGNED_{batch_id}_{worker_id}.tmp-{token}"
+
+    def half_made_dirs(self):
+        """Yield (batch id, path) for every ASSIGNED folder still being made, or left half-made by a worker
+        that died or met a full disk while making it."""
+        for entry in entries(self.work):
+            m = _HALF_MADE.match(entry.name)
+            if m and is_dir(entry):
+                yield int(m.group(1)), Path(entry.path)
 
     def staging(self, batch_id: int, token: str | None = None) -> Path:
         """A batch's staging folder, `<batch>.<token>`: never shared, even by two batches given the same id

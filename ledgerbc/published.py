@@ -87,6 +87,46 @@ def input_of(layout: Layout, settings, path: Path) -> tuple[str, str | None, str
     return top, barcode, rest[: -len(settings.emit)] + "pod5"
 
 
+def output_files(layout: Layout, tops=None) -> set[str]:
+    """Every file under pass/, fail/ and summary/ (or the folders `tops`), as paths relative to OUTPUT_DIR,
+    hidden ones (a publication's temporary files) aside. File I/O: outside the lock."""
+    found = set()
+    for top in (layout.pass_dir, layout.fail_dir, layout.summary_dir) if tops is None else tops:
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                else:
+                    found.add(Path(e.path).relative_to(layout.output).as_posix())
+    return found
+
+
+def outputs_by_input(layout: Layout, settings) -> dict[str, list[Path]]:
+    """Every output on disk (pass/, fail/, summary/), by the rel path of the input it belongs to, whether or
+    not that input's pod5 is still in INPUT_DIR, or its publication complete (done_marker among them)."""
+    found = defaultdict(list)
+    for path in output_files(layout):
+        shape = input_of(layout, settings, layout.output / path)
+        if shape is not None:
+            found[shape[2]].append(layout.output / path)
+    return dict(found)
+
+
+def summary_read_ids(layout: Layout, settings, rel: str) -> set[str]:
+    """The pod5 read ids (own id, or the parent of a split read) the summary of a published input lists;
+    empty when it has none or cannot be read."""
+    tally = _read_summary(layout.summary_path(rel), barcoded(settings))
+    return tally.parents if tally is not None else set()
+
+
 # -- what is published for an input ----------------------------------------------------------------------
 @dataclass
 class Published:

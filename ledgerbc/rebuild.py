@@ -3,10 +3,14 @@
 - INPUT_DIR and OUTPUT_DIR must be the folders `ledgerbc.settings.json` records (`--force` to override):
   another INPUT_DIR changes every relative path, and everything would be basecalled again;
 - every pod5 under INPUT_DIR is scanned again (pending, duplicate, or failed admission);
-- a file whose done marker exists (published.py) is done, with its `outputs` rows read from disk;
+- a file whose done marker exists (published.py) is done, with its `outputs` rows read from disk; so is
+  a published input whose pod5 is no longer at its path (moved after its publication): the pod5 holding
+  its reads (by read id, read only when there is such an input) is its copy, not new work;
 - copies (one `file_identifier` under several paths): the original is the one already published, else the
   one claimed in an ASSIGNED folder, else the first in sorted order; never the walk order, which a file
   arriving later can change;
+- outputs of a publication cut short (its done marker absent), of a file no adopted batch holds, are removed,
+  as a reclaim would have (the file is basecalled again, or moved away and its copy is);
 - each `work/ASSIGNED_<batch>_<worker>/` is adopted from its manifest (`.batch.json`: batch id, fencing
   nonce, worker, files by rel + file_identifier; a folder without one, from an older version, by its links
   with no nonce): its files belong to that batch again, running, with a fresh heartbeat, so a live worker
@@ -32,11 +36,11 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import sqlalchemy as sa
 
-from . import claim, db, models, published
+from . import claim, db, models, pod5check, published
 from .create import check_input_dir, check_output_dir
 from .durable import fsync_dir
 from .errors import BadInput
@@ -72,6 +76,8 @@ class Survey:
     input_dir: Path
     published: dict[str, published.Published] = field(default_factory=dict)
     assigned: list[Assigned] = field(default_factory=list)
+    moved: dict[str, str | None] = field(default_factory=dict)  # published rel, no pod5 there -> a pod5 with its reads
+    unfinished: dict[str, list[Path]] = field(default_factory=dict)  # rel -> outputs, no done marker among them
 
     def read_published(self, rels) -> None:
         rels = [r for r in rels if r not in self.published]
@@ -84,6 +90,42 @@ class Survey:
             for rel, got in pool.map(one, rels):
                 if got is not None:
                     self.published[rel] = got
+
+    def find_moved(self, rows) -> None:
+        """Published inputs whose path holds no pod5 any more (moved after their publication, `mv run1/x
+        run2/x`): their outputs are read, and the scanned pod5 that holds their reads (by a read id their
+        summary lists) is found, so it is recorded as their copy and not basecalled again. Pod5 read ids are
+        read only when there are such inputs, and the pod5 files with the same name first. `rows`: (rel_path,
+        file_identifier) of every file the scan found."""
+        on_disk = published.outputs_by_input(self.layout, self.settings)
+        marked = set()
+        for rel, paths in on_disk.items():
+            if published.done_marker(self.layout, self.settings, rel) in paths:
+                marked.add(rel)
+            else:
+                self.unfinished[rel] = paths
+        gone = sorted(marked - {r.rel_path for r in rows})
+        self.read_published(gone)
+        wanted: dict[str, list[str]] = {}  # one read id of each -> those inputs
+        for rel in gone:
+            if rel in self.published:
+                self.moved[rel] = None
+                ids = published.summary_read_ids(self.layout, self.settings, rel)
+                if ids:
+                    wanted.setdefault(min(ids), []).append(rel)
+        names = {PurePosixPath(rel).name for rels in wanted.values() for rel in rels}
+        holders = sorted((r.rel_path for r in rows if r.file_identifier and r.rel_path not in self.published),
+                         key=lambda rel: (PurePosixPath(rel).name not in names, rel))
+        for rel in holders:
+            if not wanted:
+                break
+            try:
+                ids = set(pod5check.read_ids(self.input_dir / rel))
+            except Exception:  # damaged or vanished meanwhile: not the pod5 of anything published
+                continue
+            for read_id in wanted.keys() & ids:
+                for moved in wanted.pop(read_id):
+                    self.moved[moved] = rel
 
     def news(self, old_ledger_live: bool) -> list[str]:
         """Under the lock, cheap: re-list ASSIGNED folders (reading the manifests of new ones) and return the
@@ -125,9 +167,10 @@ def rebuild_ledger(input_dir, output_dir, ledger_path=None, clock=time.time, for
         db.create_ledger_file(tmp, settings)
         aside = db.Ledger(tmp, clock=clock)
         Scanner(aside, settings).scan(progress=progress)
-        rels = aside.transact(lambda c: c.execute(sa.select(Pod5File.rel_path).where(Pod5File.file_identifier.is_not(None))).scalars().all())
+        rows = aside.transact(lambda c: c.execute(sa.select(Pod5File.rel_path, Pod5File.file_identifier)).all())
         survey = Survey(layout, settings, input_dir, assigned=read_assigned(layout, input_dir))
-        survey.read_published(rels)
+        survey.read_published([r.rel_path for r in rows if r.file_identifier is not None])
+        survey.find_moved(rows)
         # The bulk, on the ledger built aside, before the lock: published files are never unpublished.
         found = aside.transact(_prepare, survey, clock())
         old_seq, old_live = _old_ledger(ledger_path)
@@ -278,11 +321,31 @@ def _prepare(conn, survey: Survey, now: float) -> list[str]:
     """Before the lock, on the ledger built aside: originals of copies, published files -> done with their
     `outputs` rows (the bulk of the writes)."""
     t = Pod5File
+    _record_moved(conn, survey, now)
     rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.file_identifier)).all()
     claimed_rel = {rel for a in survey.assigned for rel, _fid in a.files}
     lines = _elect_originals(conn, rows, survey.published, claimed_rel)
+    if survey.moved:
+        copies = sum(1 for holder in survey.moved.values() if holder)
+        lines.append(f"{len(survey.moved)} published files are no longer at their path: done ({copies} found "
+                     "elsewhere in INPUT_DIR, recorded as their copies)")
     _mark_published(conn, survey, now)
     return lines
+
+
+def _record_moved(conn, survey: Survey, now: float) -> None:
+    """A row for each published input whose pod5 moved away (Survey.find_moved), as the pod5 it was made from
+    (the one now holding its reads): published, it is that pod5's original (_elect_originals), marked done
+    with the others (_mark_published); the pod5's new path is its duplicate."""
+    t = Pod5File
+    holders = {r.rel_path: r for r in conn.execute(sa.select(t.rel_path, t.size, t.mtime_ns, t.read_count, t.file_identifier)
+                                                   .where(t.rel_path.in_({h for h in survey.moved.values() if h})))}
+    for rel, holder in survey.moved.items():
+        h = holders.get(holder)
+        conn.execute(sa.insert(t).values(
+            rel_path=rel, state=PENDING, attempts=0, added_at=now, size=h.size if h else 0,
+            mtime_ns=h.mtime_ns if h else 0, read_count=h.read_count if h else None,
+            file_identifier=h.file_identifier if h else None))
 
 
 def _mark_published(conn, survey: Survey, now: float) -> int:
@@ -349,6 +412,13 @@ def _adopt(conn, survey: Survey, max_id: int, now: float) -> list[str]:
             taken[m.rel_path] = a.batch_id
         how = "" if a.manifest else " (no manifest: an older version's folder, adopted by its links without a fencing nonce)"
         lines.append(f"batch {a.batch_id} of {a.worker_id}: {len(members)} files assigned, running again{how}")
+    # Outputs of a publication cut short (no done marker), of a file no adopted batch holds: what a reclaim
+    # would have removed (a file back to pending, or moved away meanwhile, must not keep half its reads out).
+    for rel, paths in sorted(survey.unfinished.items()):
+        if rel not in taken and not published.is_published(layout, survey.settings, rel):
+            for path in paths:
+                path.unlink(missing_ok=True)
+            lines.append(f"{rel}: {len(paths)} outputs of a publication cut short, removed")
     # Staging of a batch not adopted: its worker published (or died after) and removed the folder, or it
     # was fenced; either way nobody will publish from it.
     for batch_id, staged in layout.staging_dirs():

@@ -6,7 +6,7 @@ each file as pending (complete), duplicate (same pod5 `file_identifier` as a kno
 Inspection (file I/O) happens outside the ledger lock; recording happens in short transactions.
 
 Copies and moves (DESIGN §4 Copies): the original of a `file_identifier` keeps its place through every
-rescan; a copy found later is its duplicate. An original (pending or failed, never basecalled) whose path
+rescan; a copy found later is its duplicate. An original (pending, waiting or failed: never basecalled) whose path
 is gone at the next scan is marked `gone`, and a copy still on disk becomes the original in its place
 (`mv incoming/x.pod5 final/x.pod5`: the new path is basecalled). Without a copy it is `gone` all the same:
 its path cannot be basecalled, and status lists it; if it comes back, the next scan admits it again. A
@@ -31,6 +31,9 @@ from .models import CLAIMED, DONE, DUPLICATE, FAILED, GONE, PENDING, WAITING, Po
 CHUNK = 500  # rows per transaction: keeps each hold of the global lock short
 PARALLEL_MIN_FILES = 2000  # files to inspect before a process pool pays for its start (~1 s)
 PARALLEL_MAX_WORKERS = 8
+# Rows a scan marks gone when their path vanishes: never basecalled (a waiting one too: retried, or followed,
+# half-written, then moved away). Claimed ones are their batch's; done ones are published.
+_MAY_VANISH = (PENDING, WAITING, FAILED)
 # One statement, values bound per row: building `.values(...)` anew for every row cost ~0.4 ms of
 # SQLAlchemy work per file (bench/scale.py: 1M files took minutes, holding the lock ~250 ms per chunk).
 _INSERT = sqlite_insert(Pod5File).on_conflict_do_nothing(index_elements=["rel_path"])
@@ -267,9 +270,9 @@ class Scanner:
 
 
     def _record_vanished(self, seen: set, report: ScanReport) -> None:
-        """Originals (pending or failed) whose path was not seen: gone, a copy on disk taking their place."""
+        """Originals (pending, waiting or failed) whose path was not seen: gone, a copy on disk taking their place."""
         candidates = [rel for rel, k in self._known.items()
-                      if rel not in seen and k.state in (PENDING, FAILED)]
+                      if rel not in seen and k.state in _MAY_VANISH]
         if not candidates:
             return
         if report.warnings:
@@ -293,8 +296,8 @@ class Scanner:
 
 
 def _record_gone(conn, rels, seen: set, now: float):
-    """Mark the originals among `rels` (vanished paths) gone, guarded by the state they are in (pending, or
-    failed: never claimed or done). A copy of one still on disk becomes the original (first in sorted order)
+    """Mark the originals among `rels` (vanished paths) gone, guarded by the state they are in (pending,
+    waiting or failed: never claimed or done). A copy of one still on disk becomes the original (first in sorted order)
     and the other copies point at it. Returns ({rel: state now}, gone, promoted)."""
     t = Pod5File
     rows = conn.execute(sa.select(t.id, t.rel_path, t.state, t.file_identifier).where(t.rel_path.in_(rels))).all()
@@ -302,7 +305,7 @@ def _record_gone(conn, rels, seen: set, now: float):
     gone = promoted = 0
     events = []
     for r in rows:
-        if r.state not in (PENDING, FAILED):
+        if r.state not in _MAY_VANISH:
             continue  # claimed (its batch fails it), done (its reads are published), already gone
         copies = []
         if r.file_identifier is not None:
@@ -326,12 +329,25 @@ def _record_gone(conn, rels, seen: set, now: float):
         if heir is not None:
             conn.execute(sa.update(t).where(t.id == heir.id, t.state == DUPLICATE)
                          .values(state=PENDING, duplicate_of=None, attempts=0, last_error=None))
-            conn.execute(sa.update(t).where(t.state == DUPLICATE, t.file_identifier == r.file_identifier,
-                                            t.id != heir.id).values(duplicate_of=heir.id))
+            _point_copies_at(conn, r.file_identifier, heir.id)
             promoted += 1
+        elif r.file_identifier is not None:
+            # No copy on disk: the copies and earlier paths of this pod5 (none seen, or one would be the heir)
+            # are gone with it, until one comes back (a scan admits it again).
+            conn.execute(sa.update(t).where(t.file_identifier == r.file_identifier, t.id != r.id,
+                                            t.state.in_((DUPLICATE, GONE)))
+                         .values(state=GONE, duplicate_of=None))
     if events:
         conn.execute(sa.insert(models.Event), events[:100])
     return states, gone, promoted
+
+
+def _point_copies_at(conn, file_identifier: str, original_id: int) -> None:
+    """Every duplicate and gone path of a pod5 names its one original (never another copy, nor a path that
+    is gone itself: a file moved twice, `a -> b -> c`, leaves a and b both gone of c)."""
+    t = Pod5File
+    conn.execute(sa.update(t).where(t.file_identifier == file_identifier, t.state.in_((DUPLICATE, GONE)),
+                                    t.id != original_id).values(duplicate_of=original_id))
 
 
 def record(ledger, observations, follow: bool, settle: float, now: float, report: ScanReport, known: dict,
@@ -419,9 +435,8 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
         state = values["state"]
         if state == PENDING and values["file_identifier"]:
             originals[values["file_identifier"]] = row_id
-            # A moved original: its old path, found gone with no copy, now has this one in its place.
-            conn.execute(sa.update(t).where(t.file_identifier == values["file_identifier"], t.state == GONE,
-                                            t.duplicate_of.is_(None), t.id != row_id).values(duplicate_of=row_id))
+            # A moved original: its old paths, found gone with no copy, now have this one in their place.
+            _point_copies_at(conn, values["file_identifier"], row_id)
         key = {PENDING: "added", DUPLICATE: "duplicates", FAILED: "failed", WAITING: "waiting"}[state]
         counts[key] += 1
         known[obs.rel] = _Known(row_id, obs.size, obs.mtime_ns, state, None, stable_since, values.get("chemistry"))

@@ -251,7 +251,7 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
 
     # htslib inflates dorado's BAM in its own threads: half of the calling thread's time otherwise (the
     # calling thread, which runs the Python loop, is what limits the split; bench/overhead.py).
-    bam = pysam.AlignmentFile(str(bam_path), "rb", check_sq=False, threads=READ_THREADS)
+    bam = _open_calls(bam_path)
     header = bam.header.to_dict()
     groups = _ReadGroups(header)
     version = next((pg.get("VN") for pg in header.get("PG", []) if pg.get("PN") == "dorado"), None)
@@ -342,6 +342,17 @@ def split_bam(bam_path, links: dict[str, str], staging_dir, emit: str = "fastq",
               {w.final.parent for w in writers.values()} | {s.final.parent for s in summaries.values()}])
     return SplitResult(files=files, foreign=foreign, untagged=untagged, dorado_version=version,
                        models=tuple(groups.models))
+
+
+def _open_calls(bam_path) -> pysam.AlignmentFile:
+    """dorado's BAM, opened with htslib's own messages off: the staging of a batch fenced meanwhile (reclaimed,
+    its staging cleaned) is gone, and then its worker says so in one line (batch.py), not an htslib error on
+    stderr as well. An open that fails still raises, with what happened."""
+    previous = pysam.set_verbosity(0)
+    try:
+        return pysam.AlignmentFile(str(bam_path), "rb", check_sq=False, threads=READ_THREADS)
+    finally:
+        pysam.set_verbosity(previous)
 
 
 def count_output_reads(path) -> int:

@@ -85,7 +85,7 @@ def verify(ledger, deep: bool = False, processes: int | None = None) -> VerifyRe
     """Check the invariants of the module docstring, changing nothing."""
     settings = ledger.read_settings()
     layout = Layout(Path(settings.output_dir))
-    on_disk = _list_outputs(layout)  # before the snapshot: a publication meanwhile is in the snapshot too
+    on_disk = published.output_files(layout)  # before the snapshot: a publication meanwhile is in the snapshot too
     snap = ledger.transact(_snapshot)
     report = VerifyReport(files=len(snap.files), deep=deep)
     bad = report.violations
@@ -206,27 +206,6 @@ def _check_outputs(snap: _Snapshot, by_id: dict, layout: Layout, report: VerifyR
             report.bytes_checked += size
             if violation is not None:
                 report.violations.append(violation)
-
-
-def _list_outputs(layout: Layout) -> set[str]:
-    """Every file under pass/, fail/ and summary/ (paths relative to OUTPUT_DIR), hidden ones aside."""
-    found = set()
-    for top in (layout.pass_dir, layout.fail_dir, layout.summary_dir):
-        stack = [top]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except OSError:
-                continue
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(Path(e.path))
-                else:
-                    found.add(Path(e.path).relative_to(layout.output).as_posix())
-    return found
 
 
 def _check_unknown(snap, by_id, by_rel, layout, settings, on_disk: set, bad: list) -> None:

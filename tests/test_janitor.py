@@ -372,12 +372,15 @@ def test_a_zombie_cannot_publish_over_its_reclaimed_batch(clocked_study, dorado_
 
 # -- cleanup ---------------------------------------------------------------------------------------------
 def make_work_dirs(clocked_study, batch):
+    """The batch's ASSIGNED folder, its staging, and a half-made ASSIGNED folder (a worker met a full disk
+    while linking, or died then)."""
     assigned = clocked_study.layout.assigned(batch.batch_id, batch.worker_id)
     staging = clocked_study.layout.staging(batch.batch_id, batch.token)
-    for folder in (assigned, staging / "pass"):
+    half_made = clocked_study.layout.half_made(batch.batch_id, batch.worker_id, batch.token)
+    for folder in (assigned, staging / "pass", half_made):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "x").write_text("x")
-    return assigned, staging
+    return assigned, staging, half_made
 
 
 def test_cleanup_removes_work_of_finished_batches_and_never_of_running_ones(clocked_study):

@@ -99,6 +99,31 @@ def test_after_a_rebuild_the_run_completes_without_basecalling_anything_twice(ha
     assert sorted(int(n.split(".")[0]) for n in new_logs) == sorted(new_batches)
 
 
+@WITH_AND_WITHOUT_BARCODES
+def test_a_pod5_moved_after_its_publication_is_its_published_self_after_a_rebuild(tmp_path, kit):
+    """`mv` of a published pod5 into another folder, then the ledger is lost: the rebuild finds its outputs
+    under the old path, which holds no pod5 any more, and the pod5 under the new one. The old path is done (the
+    new one its copy): nothing is basecalled again, and verify --deep holds (found by tests/history.py)."""
+    study = make_study(tmp_path, 4, 2, kit_name=kit)
+    assert study.cli("run", "--worker-id", "early", "--max-batches", "1").returncode == 0
+    moved = sorted(study.published_inputs())[0]
+    published = study.outputs()
+    (study.input / "moved").mkdir()
+    os.rename(study.input / moved, study.input / "moved" / Path(moved).name)
+    study.ledger_path.unlink()
+
+    result = study.invoke("recover", "--rebuild", "--input", study.input, "--output", study.output)
+    assert result.exit_code == 0, result.output
+    assert "1 published files are no longer at their path: done (1 found elsewhere" in result.output
+    state = study.files()
+    assert state[moved][0] == models.DONE and state[f"moved/{Path(moved).name}"][0] == models.DUPLICATE
+    assert study.cli("run", "--worker-id", "late").returncode == 0
+    assert study.published_inputs() == set(state) - {f"moved/{Path(moved).name}"}
+    assert {k: study.outputs()[k] for k in published} == published, "an output published before was written again"
+    deep = study.invoke("verify", "--deep")
+    assert deep.exit_code == 0, deep.output
+
+
 @pytest.mark.slow
 @WITH_AND_WITHOUT_BARCODES
 def test_rebuild_while_a_worker_is_mid_batch_lets_it_keep_and_publish_its_batch(tmp_path, kit):

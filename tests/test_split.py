@@ -213,6 +213,21 @@ def test_truncated_bam_raises_and_leaves_no_temp_files(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path]
 
 
+def test_a_vanished_bam_raises_without_an_htslib_line_on_stderr(tmp_path, capfd):
+    """The staging of a fenced batch is cleaned under its worker: the split's open fails, and the worker logs
+    one 'fenced' line (batch.py); htslib must not print `[E::hts_open_format] Failed to open file` as well."""
+    def verbosity():
+        level = pysam.set_verbosity(0)
+        pysam.set_verbosity(level)
+        return level
+
+    before = verbosity()
+    with pytest.raises(OSError):
+        split_bam(tmp_path / "staging" / "calls.bam", {"a.pod5": "a.pod5"}, tmp_path / "s")
+    assert capfd.readouterr().err == ""
+    assert verbosity() == before > 0, "htslib's messages were not turned back on"
+
+
 def test_output_relpath():
     assert output_relpath("a/b/x.pod5", "fastq") == "a/b/x.fastq"
     assert output_relpath("a/b/x.pod5", "fastq.gz") == "a/b/x.fastq.gz"

@@ -15,7 +15,7 @@ from ledgerbc.chemistry import read_run_info, resolve
 from ledgerbc.dorado import version_from_output
 from ledgerbc.split import split_bam
 from ledgerbc.testkit import install_fake_dorado, synth
-from ledgerbc.testkit.dorado import STANDIN_BARCODES, barcode_for
+from ledgerbc.testkit.dorado import STANDIN_BARCODES, barcode_for, basecall_in_process
 from ledgerbc.testkit.synth import make_dataset, write_pod5
 
 REAL_POD5 = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "real-pod5"
@@ -108,6 +108,30 @@ def test_basecaller_writes_bam_with_fn_and_pi_and_skips_the_corrupt_file(dorado,
     assert len(split) == 2 and sorted(t["sp"] for t in split)[0] == 0  # 365157 samples > 300000
     assert len({name for name, _ in records}) == len(records)
     assert any(tags["qs"] < 10 for _, tags in records) and any(tags["qs"] >= 10 for _, tags in records)
+
+
+@pytest.mark.parametrize("extra", [[], ["--kit-name", "SQK-NBD114-24"]])
+def test_the_in_process_basecaller_writes_what_the_executable_writes(dorado, batch, tmp_path, extra):
+    """basecall_in_process (tests/history.py's dorado) gives the executable's BAM, [error] lines and status."""
+    proc = run(dorado, batch, tmp_path / "exe.bam", *extra)
+    log = tmp_path / "batch.log"
+    status = basecall_in_process(["basecaller", "hac", str(batch), "--device", "cuda:0", *extra], tmp_path / "in.bam", log)
+    assert (status, proc.returncode) == (0, 0)
+    assert bam_records(tmp_path / "in.bam") == bam_records(tmp_path / "exe.bam")
+    errors = [line.split("] ", 2)[2] for line in log.read_text().splitlines() if "[error]" in line]
+    assert errors == [line.split("] ", 2)[2] for line in proc.stderr.splitlines() if "[error]" in line]
+    assert errors and f"Failed to open file {batch / 'x.pod5'}:" in errors[0]
+
+
+def test_the_in_process_basecaller_fails_mixed_chemistries_at_start_like_the_executable(dorado, tmp_path):
+    folder = tmp_path / "mixed"
+    write_pod5(folder / "a.pod5", 2, seed=1, chemistry=synth.DNA_5KHZ)
+    write_pod5(folder / "b.pod5", 2, seed=2, chemistry=synth.RNA004)
+    proc = run(dorado, folder, tmp_path / "exe.bam")
+    status = basecall_in_process(["basecaller", "hac", str(folder)], tmp_path / "in.bam", tmp_path / "batch.log")
+    assert status == proc.returncode == 1
+    assert not (tmp_path / "in.bam").exists() and (tmp_path / "exe.bam").stat().st_size == 0
+    assert "inhomogeneous" in (tmp_path / "batch.log").read_text() and "inhomogeneous" in proc.stderr
 
 
 def test_output_is_deterministic_and_split_threshold_is_a_knob(dorado, batch, tmp_path):

@@ -80,13 +80,17 @@ def _safe_to_log() -> bool:
     return not same or os.isatty(2)
 
 
+_LOG_TO = None  # basecall_in_process: the batch log its lines go to instead of stderr
+
+
 def log(level: str, message: str) -> None:
     """One dorado-style (spdlog) line on stderr: `[<time>] [<level>] <message>`."""
-    if not _safe_to_log():
+    stream = _LOG_TO or sys.stderr
+    if stream is sys.stderr and not _safe_to_log():
         return
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    sys.stderr.write(f"[{now}] [{level}] {message}\n")
-    sys.stderr.flush()
+    stream.write(f"[{now}] [{level}] {message}\n")
+    stream.flush()
 
 
 def _env_float(name: str, default: float = 0.0) -> float:
@@ -296,8 +300,9 @@ def _model_folder_rate(path: str) -> int | None:
     return int(rate) if isinstance(rate, int) and rate > 0 else None
 
 
-def basecaller(argv: list[str]) -> int:
-    """`dorado basecaller MODEL DIR [options]`: unaligned BAM of every pod5 in DIR on stdout."""
+def basecaller(argv: list[str], output: str = "-") -> int:
+    """`dorado basecaller MODEL DIR [options]`: unaligned BAM of every pod5 in DIR on stdout (`output`: a
+    file instead, for basecall_in_process)."""
     started = time.monotonic()
     positional, values, flags = _parse_basecaller(argv[1:])
     if len(positional) < 2:
@@ -377,7 +382,7 @@ def basecaller(argv: list[str]) -> int:
     n_reads = sum(info.read_count for info in runs)
     crash_after = n_reads // 2 if os.environ.get("LEDGERBC_SIM_CRASH") == "1" else None
     sys.stdout.flush()
-    out = pysam.AlignmentFile("-", "wb", header=header)
+    out = pysam.AlignmentFile(output, "wb", header=header)
     written = filtered = 0
     for path in good:
         time.sleep(seconds_per_mb * os.path.getsize(path) / 1e6)
@@ -398,6 +403,25 @@ def basecaller(argv: list[str]) -> int:
     elapsed_ms = int((time.monotonic() - started) * 1000)
     log("info", f"> Finished in (ms): {elapsed_ms}; reads basecalled: {written}; reads filtered: {filtered}")
     return 0
+
+
+def basecall_in_process(argv: list[str], bam_path, log_path) -> int:
+    """`dorado basecaller MODEL DIR [options]` (`argv`, without the executable) run in this process: the BAM
+    written to `bam_path`, the log lines appended to `log_path`; returns dorado's exit status.
+
+    For test harnesses that basecall thousands of tiny batches (tests/history.py): the same records, log lines
+    and exit status as the executable, without a Python start-up per call. Not for the knobs that end the
+    process (LEDGERBC_SIM_CRASH, LEDGERBC_SIM_HANG, an invalid sample sheet): use the executable for those.
+    Not thread-safe (the log goes through a module global).
+    """
+    global _LOG_TO
+    with open(log_path, "a", encoding="utf-8") as stream:
+        _LOG_TO = stream
+        try:
+            log("info", "Running: " + " ".join(f'"{a}"' for a in argv))
+            return basecaller(argv, output=str(bam_path))
+        finally:
+            _LOG_TO = None
 
 
 def _usage() -> None:
