@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pysam
@@ -198,14 +199,17 @@ def test_interrupted_finalize_leaves_the_previous_products(tmp_path, monkeypatch
         real(tmp, final_path)
 
     monkeypatch.setattr(finalize, "_rename_into_place", crash_after_first)
+    switch = sys.getswitchinterval()  # finalize shortens it while copying: a crash must not leave it so
     with pytest.raises(Crash):
         finalize.finalize(s.ledger)
+    assert sys.getswitchinterval() == switch
     monkeypatch.setattr(finalize, "_rename_into_place", real)
     after_crash = products(s.output / "final")
     assert set(after_crash) == set(old)
     assert any(p.name.startswith(".") and ".tmp-" in p.name for p in (s.output / "final").iterdir())
 
     assert run_finalize(s.ledger.path).exit_code == 0
+    assert sys.getswitchinterval() == switch
     new = products(s.output / "final")
     assert not [p.name for p in (s.output / "final").iterdir() if ".tmp-" in p.name], "temp files left"
     for name, data in after_crash.items():  # each product either as before or complete and new
