@@ -390,7 +390,7 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
     counts = {"added": 0, "duplicates": 0, "failed": 0, "waiting": 0}
     decided = [(obs, known.get(obs.rel), *_decide(obs, known.get(obs.rel), follow, settle, now, over)) for obs in chunk]
     identifiers = {obs.info.file_identifier for obs, _, state, *_ in decided if state == PENDING}
-    originals = {}
+    originals, with_copies = {}, set()
     if identifiers:
         originals = dict(
             conn.execute(
@@ -399,6 +399,11 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
                 )
             ).all()
         )
+        # Pod5s that already have copies or gone paths to point at a new original (one query per chunk: an
+        # UPDATE per admitted file was half of a 100,000-file rebuild's scan, bench/rebuild.py --profile).
+        with_copies = set(conn.execute(
+            sa.select(t.file_identifier).where(t.file_identifier.in_(identifiers), t.state.in_((DUPLICATE, GONE)))
+        ).scalars())
     for obs, prior, state, error, stable_since in decided:
         if prior is not None and prior.state == PENDING:
             # Run info of a file admitted before it was recorded: only those columns, only while still pending.
@@ -435,8 +440,9 @@ def _record_chunk(conn, chunk, follow, settle, now, known, over=False):
         state = values["state"]
         if state == PENDING and values["file_identifier"]:
             originals[values["file_identifier"]] = row_id
-            # A moved original: its old paths, found gone with no copy, now have this one in their place.
-            _point_copies_at(conn, values["file_identifier"], row_id)
+            if values["file_identifier"] in with_copies:
+                # A moved original: its old paths, found gone with no copy, now have this one in their place.
+                _point_copies_at(conn, values["file_identifier"], row_id)
         key = {PENDING: "added", DUPLICATE: "duplicates", FAILED: "failed", WAITING: "waiting"}[state]
         counts[key] += 1
         known[obs.rel] = _Known(row_id, obs.size, obs.mtime_ns, state, None, stable_since, values.get("chemistry"))
