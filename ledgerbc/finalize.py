@@ -214,6 +214,14 @@ def _rename_into_place(tmp: Path, final_path: Path) -> None:
     os.replace(tmp, final_path)  # the folder is fsynced once, after the last product (`finalize`)
 
 
+def _drop_cached(fd: int) -> None:
+    """Let the kernel drop a written and fsynced product's pages: nobody reads it on this node now, and GBs of
+    it in the page cache evict the inputs still to be copied (bench/finalize.py, 3.3 GB of fastq: copies
+    2.7-8.4 s with its pages kept, 1.1-1.2 s without; cat 3.0-3.1 s)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def write_product(final_path: Path, fill, progress=None) -> int:
     """Write a product through `fill(copier)` to a temp name beside `final_path`, fsync, rename; its size."""
     tmp = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -221,6 +229,7 @@ def write_product(final_path: Path, fill, progress=None) -> int:
     try:
         fill(concat.Copier(fd, progress))
         os.fsync(fd)
+        _drop_cached(fd)
         size = os.fstat(fd).st_size
     except BaseException:
         os.close(fd)
