@@ -16,6 +16,7 @@ seen in, so a file that moved on meanwhile (claimed, published) is left alone.
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import os
 import uuid
@@ -27,6 +28,7 @@ import sqlalchemy as sa
 
 from .claim import OutputRecord
 from .durable import fsync_dir
+from .errors import StorageFull
 from .layout import SUMMARY_COLUMNS, Layout, output_relpath, summary_relpath
 from .prepared import Prepared, p
 from .models import DONE, FAIL, PASS, PENDING, SUMMARY, Output, Pod5File
@@ -325,10 +327,18 @@ def write_summary(final: Path, lines: list[str], replace: bool = False) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     data = "".join(lines).encode("utf-8", "surrogateescape")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StorageFull(  # a janitor, `recover` or a rebuild writing a missing summary on a full disk
+                f"no space left on the filesystem of {final.parent} to write {final.name} ({exc.strerror}). Free "
+                "space (or raise the quota), then run the command again; nothing was failed.", folder=final.parent,
+            ) from None
         if replace:
             os.replace(tmp, final)
         else:

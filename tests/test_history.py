@@ -48,6 +48,13 @@ def test_history(seed, tmp_path):
     _assert_ok(history.run_seed(seed, tmp_path / "study"))
 
 
+# Seeds past the first 500 that failed on code the 500-history soak passed: `recover` on a full disk, where a
+# reclaim writes a missing summary (564: a traceback instead of the one-line storage-full error).
+@pytest.mark.parametrize("seed", [564])
+def test_history_found_past_the_soak(seed, tmp_path):
+    _assert_ok(history.run_seed(seed, tmp_path / "study"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [10_001 + n for n in range(N_PROCESSES)])
 def test_history_with_processes(seed, tmp_path):
