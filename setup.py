@@ -34,7 +34,7 @@ setup(
     ],
     # test-only: playwright drives Debian's chromium (never a browser of its own; see tests/clients.py).
     # pycoQC and NanoPlot are test-only too, each in its own venv (ci/qc/*.txt), never dependencies here.
-    extras_require={"test": ["pytest>=7.4,<10", "playwright>=1.50,<2"]},
+    extras_require={"test": ["pytest>=7.4,<10", "pytest-timeout>=2.1,<3", "playwright>=1.50,<2"]},
     entry_points={
         "console_scripts": [
             "ledgerbc=ledgerbc.cli:main",

@@ -69,4 +69,4 @@ fi
 # CI also runs the fresh-venv install test (`pip install .` into a new venv, then init on real data).
 if [ "${CI:-}" = true ]; then export LEDGERBC_REQUIRE_INTEGRATION=1 LEDGERBC_TEST_FRESH_VENV=1; fi
 export PATH="$VENV/bin:$PATH"
-"$VENV/bin/python" -m pytest -q -ra "$@"
+"$VENV/bin/python" -m pytest -q -ra --durations=25 "$@"

@@ -114,7 +114,9 @@ class Janitor:
         )
         for b in running:
             if force:
-                age = now - lease.last_beat(self.ledger.path, b.id, lease.owner(b.worker_id, b.token), b.heartbeat_at)
+                # a beat after `now` was read (the worker is alive, or the clocks differ a little) is age 0, not -0s
+                age = max(0.0, now - lease.last_beat(self.ledger.path, b.id, lease.owner(b.worker_id, b.token),
+                                                     b.heartbeat_at))
                 if age <= fresh_window(self.settings):
                     report.left.append(f"left batch {b.id} of {b.worker_id} running: its lease was renewed {age:.0f}s "
                                        "ago (the worker is alive)")

@@ -1,4 +1,5 @@
 """split.py on real dorado BAM from ../shared/testdata/dorado-bam (no mocks)."""
+import errno
 import gzip
 import shutil
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pysam
 import pytest
 
-from ledgerbc.split import count_output_reads, output_relpath, split_bam
+from ledgerbc import split as split_module
+from ledgerbc.split import BGZF_EOF, check_bgzf_framing, count_output_reads, output_relpath, split_bam
 
 DORADO_BAM = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dorado-bam"
 BAMS = ["Kit14_hac.bam", "Kit14_RNA_hac.bam", "HAC_5mC_5hmC.bam"]
@@ -210,6 +212,57 @@ def test_truncated_bam_raises_and_leaves_no_temp_files(tmp_path):
     (tmp_path / "cut.bam").write_bytes(data[: len(data) // 2])
     with pytest.raises((OSError, ValueError)):
         split_bam(tmp_path / "cut.bam", {"subset-subset.pod5": "x.pod5"}, tmp_path / "s")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path]
+
+
+def _block_starts(data: bytes) -> list[int]:
+    starts, at = [], 0
+    while at < len(data):
+        starts.append(at)
+        at += int.from_bytes(data[at + 16:at + 18], "little") + 1
+    return starts
+
+
+@pytest.mark.parametrize("name", ["Kit14_hac.bam", "HAC_5mC_5hmC.bam"])
+def test_a_damaged_bam_is_refused_before_htslib_opens_it_with_reader_threads(name, tmp_path, monkeypatch):
+    """htslib's open of a damaged BAM with reader threads can wait forever for a reader thread that already
+    stopped (main thread in bgzf_check_EOF; it hung CI at test_truncated_bam_raises...). So the framing is
+    checked in Python first and htslib never sees a cut file: cut at every block boundary (a whole BAM but for
+    its EOF block), inside blocks, and cut inside a block with an EOF block appended."""
+    data = (DORADO_BAM / name).read_bytes()
+    starts = _block_starts(data)
+    assert len(starts) > 3 and data[starts[-1]:] == BGZF_EOF
+    cuts = [data[:at] for at in starts[1:]]  # ends on a block boundary, no EOF block
+    cuts += [data[:at + 7] for at in starts[:-1]]  # inside a block header
+    cuts += [data[:at + 1000] for at in starts[:-2] if at + 1000 < starts[-2]]  # inside the payload
+    cuts += [data[:at + 1000] + BGZF_EOF for at in starts[:-2]]  # cut, then an EOF block
+    cuts += [b"", b"BAM\x01", data[:-1]]
+
+    def never(*args, **kwargs):
+        raise AssertionError("htslib was given a damaged BAM")
+
+    monkeypatch.setattr(split_module.pysam, "AlignmentFile", never)
+    for i, cut in enumerate(cuts):
+        path = tmp_path / f"cut{i}.bam"
+        path.write_bytes(cut)
+        with pytest.raises(OSError) as raised:
+            split_bam(path, {"x.pod5": "x.pod5"}, tmp_path / "s")
+        assert raised.value.errno == errno.EIO and raised.value.filename == str(path), raised.value
+        assert "BGZF" in str(raised.value) or "not a complete BAM" in str(raised.value)
+    check_bgzf_framing(DORADO_BAM / name)  # and the whole file passes
+
+
+def test_damage_inside_a_block_raises_the_read_error_not_htslibs_close_error(tmp_path):
+    """A well-framed block whose payload is damaged fails in the inflate (CRC): the split raises that error,
+    and the close that fails after it (`Closing failed: Resource temporarily unavailable`) does not hide it."""
+    data = bytearray((DORADO_BAM / "HAC_5mC_5hmC.bam").read_bytes())
+    starts = _block_starts(bytes(data))
+    at = starts[len(starts) // 2] + 100
+    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    (tmp_path / "bad.bam").write_bytes(bytes(data))
+    with pytest.raises(OSError) as raised:
+        split_bam(tmp_path / "bad.bam", {"subset-subset.pod5": "x.pod5"}, tmp_path / "s")
+    assert "Closing failed" not in str(raised.value) and "truncated" in str(raised.value)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path]
 
 
