@@ -245,12 +245,18 @@ def cleanup(ledger, layout: Layout, report: JanitorReport) -> None:
         on_disk.setdefault(batch_id, None)
     if not on_disk:
         return
-    states = dict(
-        ledger.transact(lambda conn: conn.execute(sa.select(Batch.id, Batch.state).where(Batch.id.in_(list(on_disk)))).all())
-    )
+
+    def view(conn):
+        states = dict(conn.execute(sa.select(Batch.id, Batch.state).where(Batch.id.in_(list(on_disk)))).all())
+        return states, conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name='batches'").scalar() or 0
+
+    states, handed_out = ledger.transact(view)
     for batch_id in on_disk:
-        if states.get(batch_id) in (None, RUNNING):
-            continue  # unknown to this ledger (a rebuild will adopt it) or still running
+        state = states.get(batch_id)
+        if state == RUNNING or (state is None and batch_id > handed_out):
+            continue  # still running, or an id this ledger has not handed out yet (a rebuild may adopt it)
+        # Over, or an id this ledger handed out but does not know: a worker that claimed it from a ledger lost
+        # since, and linked its folder after the rebuild; its batch can never be published (seed 510).
         for path in layout.assigned_dirs_for(batch_id) + [p for b, p in others if b == batch_id]:
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)

@@ -135,3 +135,14 @@ def test_outputs_of_a_publication_cut_short_do_not_outlive_a_rebuild_when_the_po
              ("start", "w1", 20), ("step", "w1", "lease-beat"), ("step", "w1", "ledger-beat"),
              ("kill-in-publish", "w1", 3), ("move", 1, "élan/with space/MOVE_33.pod5"), ("lose-ledger", "delete")]
     _assert_ok(history.run_plan(plan(steps, barcoded=True, batch_files=2), tmp_path / "study"))
+
+
+def test_a_folder_linked_after_a_rebuild_by_a_worker_of_the_lost_ledger_is_cleaned(tmp_path):
+    """w4 claims batch 1, the ledger is lost and rebuilt before w4 links its folder (nothing to adopt), then w4
+    links ASSIGNED_1_w4 and runs dorado, and dies. Batch 1 is unknown to the new ledger, whose ids already
+    passed 1: nobody can publish it, so the janitor must remove its folder and its staging (dorado's BAM,
+    gigabytes on a real run), not keep them forever as a folder a rebuild might adopt (soak seed 510)."""
+    steps = [("add", "a09", "run1/pod5/more/x_19.pod5"), ("init",), ("add", "a13", "run1/pod5/x_6.pod5"), ("scan",),
+             ("start", "w1", 90), ("start", "w4"), ("step", "w4", "finish"), ("step", "w4", "finish"),
+             *publish("w1", 3), ("lose-ledger", "delete"), ("step", "w4", "finish"), ("kill", "w4")]
+    _assert_ok(history.run_plan(plan(steps, batch_files=3, at_init=1), tmp_path / "study"))
