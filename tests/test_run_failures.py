@@ -155,12 +155,12 @@ def test_sigterm_mid_batch_stops_dorado_releases_the_batch_and_exits_143(study: 
 
     beats = [running.heartbeat_at]
     for _ in range(2):
-        wait_for(lambda: last_beat() > beats[-1], 10, "a heartbeat")
+        wait_for(lambda: last_beat() > beats[-1], 60, "a heartbeat")  # 1 s apart; generous for a loaded machine
         beats.append(last_beat())
     assert running.claimed_at <= beats[0] < beats[1] < beats[2]
-    wait_for(lambda: batch(study.ledger, running.id).heartbeat_at > running.heartbeat_at, 20, "a ledger heartbeat")
+    wait_for(lambda: batch(study.ledger, running.id).heartbeat_at > running.heartbeat_at, 60, "a ledger heartbeat")
     (live,) = study.status()["running_batches"]
-    assert live["batch_id"] == running.id and live["heartbeat_age_s"] < 10
+    assert live["batch_id"] == running.id and live["heartbeat_age_s"] < 20  # within the lease: alive
     before = _by_batch(study, running.id)
     assert before and {r.attempts for r in before.values()} == {0}
 
