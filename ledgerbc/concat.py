@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bgzf import BGZF_EOF, HEAD, MAGIC, block_size
 from .errors import OutputDamaged
 
 try:  # ISA-L inflates/deflates the few header blocks faster; zlib gives the same bytes' meaning
@@ -34,8 +35,6 @@ except ImportError:  # pragma: no cover - a dependency
 
 COPY_CHUNK = 1 << 30  # bytes per copy_file_range/sendfile call
 BUFFER = 8 << 20  # the read/write fallback's buffer
-# The BGZF end-of-file marker: an empty block (SAM/BAM spec 4.1.2).
-BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
 _BGZF_MAX_DATA = 0xFF00  # uncompressed bytes per block, as htslib (BGZF_BLOCK_SIZE)
 _HEADER_LEVEL = 6  # the merged header is small: compress it well
 EMPTY_GZIP = gzip.compress(b"", mtime=0)  # a product with no input is still a gzip file
@@ -108,16 +107,12 @@ def append_files(copier: Copier, paths) -> None:
 # -- BGZF and the BAM header ----------------------------------------------------------------------------
 def _block_size(head: bytes, name) -> int:
     """The total size of the BGZF block whose first bytes are `head` (its BC extra subfield: BSIZE+1)."""
-    if len(head) < 18 or head[:4] != b"\x1f\x8b\x08\x04":
+    if len(head) < 18 or head[:4] != MAGIC:
         raise OutputDamaged(f"{name} is not a BGZF-compressed BAM file. Run `ledgerbc verify`.")
-    xlen = struct.unpack_from("<H", head, 10)[0]
-    pos, end = 12, 12 + xlen
-    while pos + 4 <= min(end, len(head)):
-        si1, si2, slen = head[pos], head[pos + 1], struct.unpack_from("<H", head, pos + 2)[0]
-        if si1 == 66 and si2 == 67 and slen == 2 and pos + 6 <= len(head):
-            return struct.unpack_from("<H", head, pos + 4)[0] + 1
-        pos += 4 + slen
-    raise OutputDamaged(f"{name} has a gzip block without a BGZF size field. Run `ledgerbc verify`.")
+    size = block_size(head)
+    if size is None:
+        raise OutputDamaged(f"{name} has a gzip block without a BGZF size field. Run `ledgerbc verify`.")
+    return size
 
 
 def _inflate_block(block: bytes, name) -> bytes:
@@ -171,7 +166,7 @@ def read_bam_header(path) -> BamInput:
         while True:
             if offset >= size:
                 raise OutputDamaged(f"{path} ends inside its BAM header. Run `ledgerbc verify`.")
-            head = os.pread(fd, 18 + 64, offset)
+            head = os.pread(fd, HEAD, offset)
             block_size = _block_size(head, path)
             block = os.pread(fd, block_size, offset)
             if len(block) != block_size:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import gzip
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pysam
 
+from . import bgzf
 from .claim import OutputRecord
 from .durable import fsync_dir
 from .layout import SUMMARY_COLUMNS, UNCLASSIFIED, output_relpath, summary_relpath
@@ -35,8 +35,6 @@ PUBLISH_ORDER = (FAIL, PASS, SUMMARY)  # the publication's steps: the summary la
 _SAFE_FOLDER = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]+$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 READ_THREADS = 2  # htslib threads inflating dorado's BAM while the Python loop splits it
-# The empty BGZF block every complete BAM ends with (SAM/BAM specification, 4.1.2).
-BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
 # samtools fastq drops secondary (0x100) and supplementary (0x800) records: they repeat a read.
 _NOT_PRIMARY = 0x900
 _ERROR_PROB = 10.0 ** (-np.arange(256) / 10.0)
@@ -354,52 +352,17 @@ def _open_calls(bam_path) -> pysam.AlignmentFile:
     its staging cleaned) is gone, and then its worker says so in one line (batch.py), not an htslib error on
     stderr as well. An open that fails still raises, with what happened.
 
-    The file's BGZF framing is checked first (`check_bgzf_framing`): htslib's reader thread stops on a
+    The file's BGZF framing is checked first (`bgzf.check_framing`): htslib's reader thread stops on a
     damaged or missing block, and its open then waits for that thread forever (gdb: the main thread in
     `bgzf_check_EOF`, no reader thread left; seen here within a few thousand opens of truncated BAMs, about
     once in fifty seconds of trying). A worker would hang in the split while its heartbeat keeps the batch's
     lease alive. Damage inside a well-framed block fails in the worker threads' inflate and raises."""
-    check_bgzf_framing(bam_path)
+    bgzf.check_framing(bam_path)
     previous = pysam.set_verbosity(0)
     try:
         return pysam.AlignmentFile(str(bam_path), "rb", check_sq=False, threads=READ_THREADS)
     finally:
         pysam.set_verbosity(previous)
-
-
-def check_bgzf_framing(path) -> None:
-    """Raise OSError unless `path` is a chain of BGZF blocks (SAM/BAM specification 4.1) that ends exactly
-    at the file's end with the empty EOF block: what a BAM that dorado finished writing is. Reads each
-    block's header only (one seek and a few bytes per block of up to 64 KiB)."""
-    def damaged(offset: int, what: str) -> OSError:
-        return OSError(errno.EIO, f"not a complete BAM: {what} at byte {offset}", str(path))
-
-    with open(path, "rb", buffering=0) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        offset = 0
-        last = b""
-        while offset < size:
-            head = os.pread(handle.fileno(), 18, offset)
-            if len(head) < 18 or head[:4] != b"\x1f\x8b\x08\x04":
-                raise damaged(offset, "no BGZF block header")
-            xlen = int.from_bytes(head[10:12], "little")
-            extra = head[12:18] if xlen == 6 else os.pread(handle.fileno(), xlen, offset + 12)
-            bsize = None
-            at = 0
-            while at + 4 <= len(extra):  # the extra subfields: the BC one holds the block's size - 1
-                slen = int.from_bytes(extra[at + 2:at + 4], "little")
-                if extra[at:at + 2] == b"BC" and slen == 2 and at + 6 <= len(extra):
-                    bsize = int.from_bytes(extra[at + 4:at + 6], "little") + 1
-                at += 4 + slen
-            if bsize is None or bsize < 12 + xlen + 8:
-                raise damaged(offset, "no BGZF block size")
-            if offset + bsize > size:
-                raise damaged(offset, "a block cut short (file truncated)")
-            if offset + bsize == size:
-                last = os.pread(handle.fileno(), bsize, offset)
-            offset += bsize
-    if last != BGZF_EOF:
-        raise OSError(errno.EIO, "no BGZF EOF marker; file may be truncated", str(path))
 
 
 def count_output_reads(path) -> int:

@@ -8,7 +8,8 @@ import pysam
 import pytest
 
 from ledgerbc import split as split_module
-from ledgerbc.split import BGZF_EOF, check_bgzf_framing, count_output_reads, output_relpath, split_bam
+from ledgerbc.bgzf import BGZF_EOF, check_framing
+from ledgerbc.split import count_output_reads, output_relpath, split_bam
 
 DORADO_BAM = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "dorado-bam"
 BAMS = ["Kit14_hac.bam", "Kit14_RNA_hac.bam", "HAC_5mC_5hmC.bam"]
@@ -249,7 +250,7 @@ def test_a_damaged_bam_is_refused_before_htslib_opens_it_with_reader_threads(nam
             split_bam(path, {"x.pod5": "x.pod5"}, tmp_path / "s")
         assert raised.value.errno == errno.EIO and raised.value.filename == str(path), raised.value
         assert "BGZF" in str(raised.value) or "not a complete BAM" in str(raised.value)
-    check_bgzf_framing(DORADO_BAM / name)  # and the whole file passes
+    check_framing(DORADO_BAM / name)  # and the whole file passes
 
 
 def test_damage_inside_a_block_raises_the_read_error_not_htslibs_close_error(tmp_path):
