@@ -13,7 +13,6 @@ full, and the ledger errors that make a worker wait or give up (`LEDGER_UNAVAILA
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 from . import claim, dorado, lease, modelplan, pod5check, split
 from .chemistry import chemistry_error
 from .durable import fsync_dir, fsync_path, nearly_full, probe_space
-from .errors import LedgerCorrupt, LedgerError, LedgerNotFound, LockTimeout, NotOwner, StorageFull
+from .errors import FULL_ERRNOS, LedgerCorrupt, LedgerError, LedgerNotFound, LockTimeout, NotOwner, StorageFull
 from .layout import MANIFEST, Layout, link_name
 from .publish import Installer, Move
 
@@ -35,7 +34,6 @@ log = logging.getLogger("ledgerbc.batch")
 TICK = 1.0  # how often the worker looks at dorado, the stop flag and the clock
 SIGNAL_GRACE = 2.0  # after dorado died of a signal: how long to wait for ours before failing the batch
 LEDGER_UNAVAILABLE = (LedgerNotFound, LedgerCorrupt, LockTimeout)
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def default_batch_timeout(n_bytes: int) -> float:
@@ -104,7 +102,7 @@ class BatchRun:
             try:
                 return self._stages()
             except OSError as exc:
-                if exc.errno in _FULL:
+                if exc.errno in FULL_ERRNOS:
                     raise StorageFull(f"{exc.strerror}: {exc.filename}", folder=exc.filename) from None
                 raise
         except (StorageFull, *LEDGER_UNAVAILABLE):

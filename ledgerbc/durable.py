@@ -1,6 +1,5 @@
 """fsync helpers: what makes a rename or a new file survive a crash of the node."""
 
-import errno
 import os
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def nearly_full(folder: Path, nbytes: int = PROBE_BYTES) -> bool:
 def probe_space(folder: Path, nbytes: int = PROBE_BYTES) -> None:
     """Raise StorageFull when `nbytes` cannot be written and synced in `folder` (or the nearest existing
     parent): a failure that a full disk or quota caused is not the input files' fault (DESIGN §4)."""
-    from .errors import StorageFull
+    from .errors import FULL_ERRNOS, StorageFull
 
     folder = _existing(folder)
     probe = folder / f".ledgerbc-space-probe-{os.getpid()}"
@@ -54,7 +53,7 @@ def probe_space(folder: Path, nbytes: int = PROBE_BYTES) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in FULL_ERRNOS:
             raise StorageFull(
                 f"no space left on the filesystem of {folder} ({exc.strerror}). Free space (or raise the quota), "
                 "then start the workers again; nothing was failed.", folder=folder,

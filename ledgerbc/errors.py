@@ -3,6 +3,7 @@
 The CLI prints `Error: <message>` and exits with `exit_code`; the codes are documented in the README.
 `ledgerbc verify` finding violations is not an error but an answer: it exits 14 (verify.EXIT_VIOLATIONS).
 """
+import errno
 
 
 class LedgerError(Exception):
@@ -68,6 +69,9 @@ class LockMaybeLost(LedgerError):
 
 class SlurmError(LedgerError):
     exit_code = 10
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # an OSError with one of these is StorageFull, never a failed file
 
 
 class StorageFull(LedgerError):

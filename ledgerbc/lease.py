@@ -11,14 +11,13 @@ A lease file only ever delays a reclaim, never causes one, and correctness never
 fencing token still fences a zombie at publication. A lease file naming another owner, or unreadable, is ignored.
 """
 
-import errno
 import logging
 import os
 import time
 from pathlib import Path
 
 from . import claim
-from .errors import LedgerError, NotOwner, StorageFull
+from .errors import FULL_ERRNOS, LedgerError, NotOwner, StorageFull
 
 log = logging.getLogger("ledgerbc.lease")
 
@@ -132,7 +131,7 @@ class Heartbeat:
         try:
             write(self.ledger.path, self.batch_id, self.holder, self.ledger.clock())
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the ledger's filesystem is full: stop, say so once
+            if exc.errno in FULL_ERRNOS:  # the ledger's filesystem is full: stop, say so once
                 raise StorageFull(f"{exc.strerror}: {exc.filename}", folder=lease_dir(self.ledger.path)) from None
             log.warning("lease file of batch %s: %s; heartbeating through the ledger", self.batch_id, exc)
             return False

@@ -16,7 +16,6 @@ seen in, so a file that moved on meanwhile (claimed, published) is left alone.
 from __future__ import annotations
 
 import csv
-import errno
 import gzip
 import os
 import uuid
@@ -28,7 +27,7 @@ import sqlalchemy as sa
 
 from .claim import OutputRecord
 from .durable import fsync_dir
-from .errors import StorageFull
+from .errors import FULL_ERRNOS, StorageFull
 from .layout import SUMMARY_COLUMNS, Layout, output_relpath, summary_relpath
 from .prepared import Prepared, p
 from .models import DONE, FAIL, PASS, PENDING, SUMMARY, Output, Pod5File
@@ -333,7 +332,7 @@ def write_summary(final: Path, lines: list[str], replace: bool = False) -> Path:
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno not in FULL_ERRNOS:
                 raise
             raise StorageFull(  # a janitor, `recover` or a rebuild writing a missing summary on a full disk
                 f"no space left on the filesystem of {final.parent} to write {final.name} ({exc.strerror}). Free "
