@@ -561,6 +561,12 @@ def _short(exc) -> str:
     return str(orig).splitlines()[0][:200]
 
 
+def batch_ids_handed_out(conn) -> int | None:
+    """The batch id counter (SQLite's AUTOINCREMENT sequence, which a rebuild sets above every id it saw):
+    every id up to it has been handed out. None before the first batch."""
+    return conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name='batches'").scalar()
+
+
 def write_settings(conn, settings) -> None:
     table = models.Setting.__table__
     conn.execute(table.delete())

@@ -183,6 +183,7 @@ def _invariant_violations(conn) -> list[str]:
     # integrity_check says ok even after lost updates (CLUSTER.md): these counts catch them.
     import sqlalchemy as sa
 
+    from .db import batch_ids_handed_out
     from .models import CLAIMED, RUNNING, Batch, Pod5File
 
     out = []
@@ -199,7 +200,7 @@ def _invariant_violations(conn) -> list[str]:
     if empty:
         out.append(f"{empty} running batches have no claimed files")
     max_id = conn.execute(sa.select(sa.func.max(Batch.id))).scalar_one()
-    seq = conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name='batches'").scalar()
+    seq = batch_ids_handed_out(conn)
     if max_id is not None and (seq is None or seq < max_id):
         out.append(f"the batch id counter ({seq}) is below the highest batch id ({max_id}): fencing tokens could repeat")
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from . import claim, lease, models, published
+from .db import batch_ids_handed_out
 from .layout import Layout
 from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File
 
@@ -248,7 +249,7 @@ def cleanup(ledger, layout: Layout, report: JanitorReport) -> None:
 
     def view(conn):
         states = dict(conn.execute(sa.select(Batch.id, Batch.state).where(Batch.id.in_(list(on_disk)))).all())
-        return states, conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name='batches'").scalar() or 0
+        return states, batch_ids_handed_out(conn) or 0
 
     states, handed_out = ledger.transact(view)
     for batch_id in on_disk:
