@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fill import add_files, new_ledger  # noqa: E402
+from claim import HoldTimedLedger  # noqa: E402  (bench/claim.py: a Ledger that times each lock hold)
 
 from ledgerbc import claim, db, prepared  # noqa: E402
 from ledgerbc.claim import FileResult  # noqa: E402
@@ -98,25 +99,12 @@ def main(argv=None) -> int:
                 for sql in filter(None, (x.strip() for x in args.variant.split(";"))):
                     conn.execute(sql)
                 conn.commit()
-        ledger = db.Ledger(path)
+        ledger = HoldTimedLedger(path)
         settings = ledger.read_settings()
         claim.register_worker(ledger, "bench@pages", socket.gethostname(), os.getpid(), None)
-        holds: list[float] = []
-        locked = ledger.locked
-
-        @contextlib.contextmanager
-        def timed_lock():
-            with locked():
-                t0 = time.perf_counter()
-                try:
-                    yield
-                finally:
-                    holds.append(time.perf_counter() - t0)
-
-        ledger.locked = timed_lock
         c = claim.claim_batch(ledger, "bench@pages", settings)
         stats = instrument()
-        holds.clear()
+        ledger.holds.clear()
         n = args.transactions
         r0, w0 = io_calls()
         t0 = time.perf_counter()
@@ -131,7 +119,7 @@ def main(argv=None) -> int:
     own = sum(s[1] for s in stats.values())  # the wrapper's own /proc/self/io reads: two per statement
     print(f"{args.where}: {n} publish + claim transactions of {args.batch}-file batches, {args.files} files"
           + (f", variant {args.variant!r}" if args.variant else ""))
-    print(f"per transaction: {wall / n * 1000:.2f} ms, lock hold median {statistics.median(holds) * 1000:.2f} ms, "
+    print(f"per transaction: {wall / n * 1000:.2f} ms, lock hold median {statistics.median(ledger.holds) * 1000:.2f} ms, "
           f"read calls {(r1 - r0 - 2 * own) / n:.1f}, write calls {(w1 - w0) / n:.1f}")
     print(f"{'ms/txn':>8} {'calls':>6} {'reads':>6} {'writes':>7}  statement")
     for sql, (seconds, calls, reads, writes) in sorted(stats.items(), key=lambda kv: -kv[1][0]):
