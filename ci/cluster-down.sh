@@ -82,6 +82,14 @@ if alive_comm "$SLURMCTLD_PID" slurmctld && command -v squeue >/dev/null; then
         [[ $left -eq 0 ]] && break
         if (( $(date +%s) >= deadline )); then
             warn "$left Slurm job(s) still running/completing after 30s"
+            # What keeps them: processes in uninterruptible sleep (a wedged mount, docs/locking.md).
+            for stat in /proc/[0-9]*/stat; do
+                state=$(sed 's/.*) //' "$stat" 2>/dev/null | cut -d' ' -f1)  # after "(comm)", which may hold spaces
+                [[ $state == D ]] || continue
+                pid=${stat#/proc/}; pid=${pid%/stat}
+                printf '    D %s %s | %s\n' "$pid" "$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-120)" \
+                    "$(head -4 "/proc/$pid/stack" 2>/dev/null | sed 's/^\[<0>\] //' | tr '\n' ' ')" >&2
+            done
             break
         fi
         sleep 0.5

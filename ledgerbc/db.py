@@ -44,7 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import NullPool
 
-from . import errors, ledgerfile, models
+from . import errors, ledgerfile, models, mounts
 from .durable import fsync_path
 
 LOCK_POLL = float(os.environ.get("LEDGERBC_LOCK_POLL", "0.01"))  # seconds between attempts at a held lock (jittered)
@@ -157,13 +157,15 @@ class _TurnstileTimeout(Exception):
 
 
 class _Turnstile:
-    """Who waits next for the ledger lock: a blocking flock on `<ledger>.turnstile`, one per process.
+    """Who waits next for the ledger lock: a flock on `<ledger>.turnstile`, one per process.
 
-    `enter` returns True once this process holds the turnstile (it sleeps in the kernel meanwhile, woken
-    when the holder leaves), False if the deadline passed first or the turnstile is unusable (then the
-    caller just polls the ledger lock, as every process did before). A blocking flock cannot time out,
-    so in the main thread a SIGALRM interval timer bounds the wait; other threads poll the turnstile.
-    The descriptor is per process: flock belongs to the open file, which a fork would share.
+    `enter` returns True once this process holds the turnstile, False if the deadline passed first or the
+    turnstile is unusable (then the caller just polls the ledger lock, as every process did before). On a
+    local filesystem the main thread sleeps in the kernel meanwhile (a blocking flock, woken when the
+    holder leaves; it cannot time out, so a SIGALRM interval timer bounds the wait). On any other
+    filesystem, and in other threads, the turnstile is polled: a signal that interrupts a blocking flock
+    on GlusterFS wedges the whole volume (`mounts.kernel_lock_wait_is_safe`, docs/locking.md), and Slurm
+    signals its tasks. The descriptor is per process: flock belongs to the open file, which a fork would share.
     """
 
     def __init__(self, path: Path):
@@ -173,6 +175,15 @@ class _Turnstile:
         self._held = False
         self._bypass_until = 0.0
         self._lock_fd: tuple[int, int] | None = None  # (pid, descriptor of the ledger lock file), see await_free
+        self._kernel_wait: bool | None = None  # may the main thread wait in a blocking flock here? (first use)
+
+    def waits_in_kernel(self) -> bool:
+        """True in the main thread on a local filesystem: only there does a lock wait sleep in the kernel."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        if self._kernel_wait is None:
+            self._kernel_wait = mounts.kernel_lock_wait_is_safe(self.path.parent)
+        return self._kernel_wait
 
     def _open(self) -> int | None:
         if self._pid != os.getpid():
@@ -192,7 +203,7 @@ class _Turnstile:
         # the whole lock timeout. Past TURN_WAIT this process polls the ledger lock, as before, for a while.
         until = min(deadline, now + TURN_WAIT)
         try:
-            if threading.current_thread() is threading.main_thread():
+            if self.waits_in_kernel():
                 got = _flock_blocking(fd, until)
             else:
                 got = self._wait_polling(fd, until)
@@ -222,13 +233,14 @@ class _Turnstile:
             pass
 
     def await_free(self, lock_path: Path, deadline: float) -> None:
-        """For the turnstile's holder, in the main thread: sleep in the kernel until the ledger lock is free.
+        """For the turnstile's holder, where `waits_in_kernel`: sleep in the kernel until the ledger lock is free.
 
         A blocking flock on a descriptor of our own, given back at once: only a wake-up call, so the lock
         is handed on as soon as its holder lets it go instead of at the next poll. filelock then takes it
-        (the other waiters are all behind the turnstile). On a timeout the caller just polls.
+        (the other waiters are all behind the turnstile). On a timeout, and where the kernel must not
+        wait, the caller just polls (every TURN_POLL: it is the only process polling the ledger lock).
         """
-        if threading.current_thread() is not threading.main_thread():
+        if not self.waits_in_kernel():
             return
         if self._lock_fd is None or self._lock_fd[0] != os.getpid():
             try:
@@ -325,11 +337,10 @@ class Ledger:
 
         The lock itself is `filelock`'s flock on `<ledger>.lock`; filelock can only poll for a held lock.
         Waiting is organised by a turnstile (`<ledger>.turnstile`, see `_Turnstile`): a process first takes
-        the turnstile, sleeping in the kernel while another process holds it, and only the turnstile's
-        holder waits for the ledger lock, also in the kernel (`_Turnstile.await_free`; it polls every
-        TURN_POLL only outside the main thread or after a timeout); it lets the turnstile go as soon as it
-        holds the ledger lock. So no process spins, the lock is handed on as it is released, and a
-        process that just released the lock queues like everyone else instead of
+        the turnstile, and only the turnstile's holder waits for the ledger lock (every TURN_POLL; on a local
+        filesystem it sleeps in the kernel instead, `_Turnstile.await_free`, as it does for the turnstile);
+        it lets the turnstile go as soon as it holds the ledger lock. So one process at most polls the ledger
+        lock quickly, and a process that just released the lock queues like everyone else instead of
         retaking it at once (bench/claim.py: throughput and p99 claim latency). The turnstile decides only
         who waits next; mutual exclusion is the ledger lock's alone.
         """

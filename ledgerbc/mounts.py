@@ -182,6 +182,17 @@ def mount_check(folder, mountinfo: str | None = None) -> Check:
     return judge_mount(m, folder)
 
 
+def kernel_lock_wait_is_safe(folder, mountinfo: str | None = None) -> bool:
+    """May a process on this host wait in the kernel for a lock on a file in `folder` (a blocking flock that
+    a signal interrupts)? Only on a local filesystem. On GlusterFS 10 a blocking flock interrupted by a
+    signal wedges the volume within seconds (bricks stop answering, every process using the mount hangs
+    unkillable: docs/locking.md); a FUSE or network filesystem's handling of an interrupted lock request is
+    the server's business, so anywhere but LOCAL_FS (or where the mount cannot be told) locks are polled."""
+    mounts = read_mounts(mountinfo)
+    m = mount_of(os.path.realpath(folder), mounts) if mounts else None
+    return m is not None and m.fstype in LOCAL_FS
+
+
 def refuse_unsafe_mount(folder, mountinfo: str | None = None) -> Check:
     """The cheap part of doctor, for `run` and `submit`: raise UnsafeFilesystem on a known-unsafe mount."""
     check = mount_check(folder, mountinfo)

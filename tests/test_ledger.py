@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import namedtuple
 
 import filelock
@@ -338,6 +339,52 @@ def test_a_process_frozen_in_the_turnstile_delays_others_briefly_not_forever(mak
     finally:
         os.kill(frozen.pid, signal.SIGKILL)
         frozen.wait()
+
+
+def _mountinfo_with_root_on(tmp_path, fstype: str, source: str) -> str:
+    info = tmp_path / f"mountinfo-{fstype}"
+    info.write_text(f"1 0 0:1 / / rw,relatime shared:1 - {fstype} {source} rw\n")
+    return str(info)
+
+
+@pytest.mark.parametrize("fstype, source, in_kernel", [
+    ("fuse.glusterfs", "server:/vol", False), ("nfs4", "server:/export", False), ("lustre", "mgs@tcp:/fs", False),
+    ("fuse.unknownfs", "x", False), ("ext4", "/dev/vda1", True), ("xfs", "/dev/sdb1", True),
+])
+def test_lock_waits_sleep_in_the_kernel_only_on_a_local_filesystem(make_ledger, monkeypatch, tmp_path,
+                                                                   fstype, source, in_kernel):
+    """A blocking flock interrupted by a signal wedges a GlusterFS volume (docs/locking.md): off a local
+    filesystem a process waiting for its turn or for the ledger lock polls, however long the wait, and
+    whatever signals it gets meanwhile; on ext4/xfs it sleeps in the kernel."""
+    from ledgerbc import db, mounts
+
+    ledger, _settings = make_ledger(1)
+    monkeypatch.setattr(mounts, "MOUNTINFO", _mountinfo_with_root_on(tmp_path, fstype, source))
+    monkeypatch.setattr(db, "TURN_WAIT", 0.05)
+    kernel_waits = []
+    real_wait = db._flock_blocking
+    monkeypatch.setattr(db, "_flock_blocking", lambda fd, until: kernel_waits.append(fd) or real_wait(fd, until))
+    waiter = type(ledger)(ledger.path)
+    holder = subprocess.Popen(  # holds the turnstile, then the ledger lock, for 0.3 s each
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "for path in sys.argv[1:]:\n"
+         "    fd = os.open(path, os.O_RDWR | os.O_CREAT)\n    fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "    print('held', flush=True)\n    time.sleep(0.3)\n    os.close(fd)\n",
+         str(ledger.path) + ".turnstile", str(ledger.lock_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))  # a signal in the middle of the wait
+        timer.start()
+        assert waiter.transact(lambda c: c.exec_driver_sql("SELECT count(*) FROM pod5_files").scalar()) == 1
+        assert holder.wait(10) == 0
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        holder.kill()
+        holder.wait()
+    assert bool(kernel_waits) is in_kernel, (fstype, kernel_waits)
+    assert mounts.kernel_lock_wait_is_safe(ledger.path.parent) is in_kernel
 
 
 def test_processes_take_turns_at_the_lock(make_ledger):

@@ -122,13 +122,38 @@ class Slurm:
             if time.monotonic() > deadline:
                 queue = subprocess.run(["squeue", "-j", job_id], capture_output=True, text=True).stdout
                 pytest.fail(f"array {job_id}: {len(records)} of {tasks} tasks ended after {timeout:.0f}s\n{queue}"
-                            + (task_logs(logs) if logs else ""))
+                            + (task_logs(logs) if logs else "") + stuck_in_kernel())
             time.sleep(0.5)
 
     def cancel_all(self) -> None:
         """Cancel the jobs this test submitted (by id), if any task is left."""
         for job in self.jobs:
             subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
+def stuck_in_kernel(limit: int = 12) -> str:
+    """Processes in uninterruptible sleep (state D) with their kernel stacks, and the Gluster clients'
+    disconnects: what a wedged mount looks like (docs/locking.md), for a failure message."""
+    out = []
+    for proc in sorted(Path("/proc").glob("[0-9]*"), key=lambda p: int(p.name)):
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "D":
+                continue
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+            stack = (proc / "stack").read_text(errors="replace").splitlines()[:4]
+        except (OSError, IndexError):
+            continue
+        out.append(f"  {proc.name} D {cmd}\n" + "".join(f"      {line}\n" for line in stack))
+        if len(out) >= limit:
+            break
+    for log in sorted(Path("/var/log/glusterfs").glob("mnt-*.log")):
+        try:
+            lines = [line for line in log.read_text(errors="replace").splitlines() if "has not responded" in line]
+        except OSError:
+            continue
+        out.extend(f"  {log.name}: {line}\n" for line in lines[-2:])
+    return ("\n--- processes stuck in the kernel, Gluster disconnects ---\n" + "".join(out)) if out else ""
 
 
 def task_logs(folder: Path, limit: int = 4000) -> str:

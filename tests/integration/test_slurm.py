@@ -82,7 +82,7 @@ def test_array_drains_a_study_with_odd_tasks_on_the_second_mount(slurm, gluster_
     offset = slurm.jobcomp_offset()
     t1 = time.monotonic()
     job = slurm.submit(ledger_path, 8, env=env, cwd=tmp_path / "slurm")
-    records = slurm.wait_tasks(job, 8, offset, timeout=900, logs=tmp_path / "slurm")
+    records = slurm.wait_tasks(job, 8, offset, timeout=400, logs=tmp_path / "slurm")
     t_run = time.monotonic() - t1
     states = {task: r.get("JobState") for task, r in records.items()}
     assert states == {t: "COMPLETED" for t in range(8)}, f"{states}{task_logs(tmp_path / 'slurm')}"
@@ -137,7 +137,7 @@ def test_scancel_of_a_task_releases_its_batch_at_once(slurm, gluster_root, bin_d
     assert released.finished_at - t_cancel < 30, "the release must come with the signal, not with a lease"
     assert [e.message for e in events(ledger, "batch-released") if e.batch_id == victim.id] == ["worker stopped by signal"]
 
-    records = slurm.wait_tasks(job, 2, offset, timeout=600, logs=tmp_path / "slurm")
+    records = slurm.wait_tasks(job, 2, offset, timeout=400, logs=tmp_path / "slurm")
     assert records[0]["JobState"] == "CANCELLED" and records[1]["JobState"] == "COMPLETED", records
     rows = {f.id: f for f in files(ledger)}
     assert all(r.state == models.DONE for r in rows.values()), [(r.rel_path, r.state) for r in rows.values()]
@@ -194,7 +194,7 @@ def test_each_task_runs_dorado_on_its_own_gpu(slurm, bin_dir, tmp_path):
 
     offset = slurm.jobcomp_offset()
     job = slurm.submit(ledger_path, 4, env=env, cwd=tmp_path / "slurm")
-    records = slurm.wait_tasks(job, 4, offset, timeout=600, logs=tmp_path / "slurm")
+    records = slurm.wait_tasks(job, 4, offset, timeout=400, logs=tmp_path / "slurm")
     assert {t: r["JobState"] for t, r in records.items()} == {t: "COMPLETED" for t in range(4)}, task_logs(tmp_path / "slurm")
     check_exactly_once(dataset, tmp_path / "output")
 
@@ -243,7 +243,7 @@ def test_a_requeued_task_rejoins_as_a_new_worker(slurm, bin_dir, tmp_path):
                         60, f"batch {victim.id} to leave 'running'")
     assert released.state == models.RELEASED and released.error == "worker stopped by signal", released
 
-    records = slurm.wait_tasks(job, 2, offset, timeout=600, logs=tmp_path / "slurm")
+    records = slurm.wait_tasks(job, 2, offset, timeout=400, logs=tmp_path / "slurm")
     assert {t: r["JobState"] for t, r in records.items()} == {0: "COMPLETED", 1: "COMPLETED"}, task_logs(tmp_path / "slurm")
     counts = check_exactly_once(dataset, tmp_path / "output")
 
