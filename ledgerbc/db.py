@@ -28,12 +28,14 @@ third of a bare transaction's file operations, bench/ceiling.py) out of the time
 
 import contextlib
 import fcntl
+import hashlib
 import inspect
 import json
 import os
 import random
 import signal
 import sqlite3
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,6 +51,9 @@ from .durable import fsync_path
 
 LOCK_POLL = float(os.environ.get("LEDGERBC_LOCK_POLL", "0.01"))  # seconds between attempts at a held lock (jittered)
 TURN_POLL = 0.0005  # the same, for the one process that holds the turnstile (it is next in line)
+# ... where that lock is on a network filesystem: each attempt is a request to its server, which the
+# holder's transaction waits behind (bench/ceiling.py on Gluster: hold 19 ms polling every 0.5 ms, 16 ms every 5)
+NETWORK_TURN_POLL = 0.005
 TURN_WAIT = 5.0  # longest wait for the turnstile before polling the ledger lock directly
 TURN_BYPASS = 60.0  # after such a wait, how long this process polls without the turnstile
 IO_RETRIES = 4
@@ -177,13 +182,14 @@ class _Turnstile:
         self._lock_fd: tuple[int, int] | None = None  # (pid, descriptor of the ledger lock file), see await_free
         self._kernel_wait: bool | None = None  # may the main thread wait in a blocking flock here? (first use)
 
-    def waits_in_kernel(self) -> bool:
-        """True in the main thread on a local filesystem: only there does a lock wait sleep in the kernel."""
-        if threading.current_thread() is not threading.main_thread():
-            return False
+    def on_local_filesystem(self) -> bool:
         if self._kernel_wait is None:
             self._kernel_wait = mounts.kernel_lock_wait_is_safe(self.path.parent)
         return self._kernel_wait
+
+    def waits_in_kernel(self) -> bool:
+        """True in the main thread on a local filesystem: only there does a lock wait sleep in the kernel."""
+        return threading.current_thread() is threading.main_thread() and self.on_local_filesystem()
 
     def _open(self) -> int | None:
         if self._pid != os.getpid():
@@ -255,6 +261,20 @@ class _Turnstile:
             pass
 
 
+HOST_QUEUE_DIRS = ("/dev/shm", tempfile.gettempdir())
+
+
+def host_queue_path(ledger: Path) -> Path | None:
+    """A file on this host's own memory or disk standing for `ledger` (its resolved path hashed), where the
+    processes of this host queue in the kernel before they poll a ledger on a network filesystem; None if
+    no such folder is writable. A per-job private /tmp (Slurm's job_container) only makes it per job."""
+    key = hashlib.sha256(os.path.realpath(ledger).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    for folder in HOST_QUEUE_DIRS:
+        if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            return Path(folder) / f"ledgerbc-{key}.queue"
+    return None
+
+
 def _flock_blocking(fd: int, until: float) -> bool:
     """An exclusive flock on `fd`, waiting in the kernel until `until` (monotonic) at most; main thread only.
 
@@ -311,6 +331,7 @@ class Ledger:
         self.clock = clock
         self._lock = _flock(self.lock_path)
         self._turnstile = _Turnstile(Path(str(self.path) + ".turnstile"))
+        self._host_queue: _Turnstile | bool | None = None  # None: not looked for yet; False: none (locked())
         self._engine = None
         self._careful = False  # set_pragmas before every BEGIN (only where libsqlite3's default is not FULL)
         self._schema_checked = False
@@ -337,20 +358,31 @@ class Ledger:
 
         The lock itself is `filelock`'s flock on `<ledger>.lock`; filelock can only poll for a held lock.
         Waiting is organised by a turnstile (`<ledger>.turnstile`, see `_Turnstile`): a process first takes
-        the turnstile, and only the turnstile's holder waits for the ledger lock (every TURN_POLL; on a local
-        filesystem it sleeps in the kernel instead, `_Turnstile.await_free`, as it does for the turnstile);
-        it lets the turnstile go as soon as it holds the ledger lock. So one process at most polls the ledger
-        lock quickly, and a process that just released the lock queues like everyone else instead of
-        retaking it at once (bench/claim.py: throughput and p99 claim latency). The turnstile decides only
-        who waits next; mutual exclusion is the ledger lock's alone.
+        the turnstile, and only the turnstile's holder waits for the ledger lock; it lets the turnstile go
+        as soon as it holds the ledger lock. So one process at most polls the ledger lock quickly, and a
+        process that just released the lock queues like everyone else instead of retaking it at once
+        (bench/claim.py: throughput and p99 claim latency). On a local filesystem both waits sleep in the
+        kernel (`_Turnstile.await_free`). On a network filesystem no wait may (docs/locking.md): the
+        processes of one host first queue in the kernel on a local file (`host_queue_path`), so one
+        process per host polls the turnstile (every LOCK_POLL), and its holder polls the ledger lock
+        (every NETWORK_TURN_POLL). The turnstile decides only who waits next; mutual exclusion is the
+        ledger lock's alone.
         """
         deadline = time.monotonic() + self.lock_timeout
-        turn = self._turnstile.enter(deadline)
+        queue = self._host_queue_of_network_ledger()
+        queued = queue.enter(deadline) if queue is not None else False
+        turn = False
         try:
+            turn = self._turnstile.enter(deadline)
             if turn:
                 self._turnstile.await_free(self.lock_path, deadline)
-            self._take_lock(deadline, poll=TURN_POLL if turn else LOCK_POLL)
+            next_poll = TURN_POLL if self._turnstile.on_local_filesystem() else NETWORK_TURN_POLL
+            self._take_lock(deadline, poll=next_poll if turn else LOCK_POLL)
         finally:
+            # The host's next process starts polling the turnstile while this one still holds it: it then
+            # races the other hosts' waiters at the release instead of being first there every time.
+            if queued:
+                queue.leave()
             if turn:
                 self._turnstile.leave()
         self._locked_at = _held_clock()
@@ -359,6 +391,18 @@ class Ledger:
         finally:
             self._locked_at = None
             self._lock.release()
+
+    def _host_queue_of_network_ledger(self) -> _Turnstile | None:
+        """Where the ledger's own turnstile cannot be waited for in the kernel (a network filesystem), the
+        processes of this host first queue in the kernel on a local file (`host_queue_path`), so that one
+        process per host at most polls the shared turnstile. None on a local filesystem, in other threads
+        and where no local folder is writable."""
+        if self._turnstile.waits_in_kernel() or threading.current_thread() is not threading.main_thread():
+            return None
+        if self._host_queue is None:
+            path = host_queue_path(self.path)
+            self._host_queue = _Turnstile(path) if path is not None else False
+        return self._host_queue or None
 
     def check_lock_trusted(self) -> None:
         """Raise LockMaybeLost when the lock has been held longer than `lock_trust` (see LOCK_TRUST): the

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections import namedtuple
+from pathlib import Path
 
 import filelock
 import pytest
@@ -341,29 +342,34 @@ def test_a_process_frozen_in_the_turnstile_delays_others_briefly_not_forever(mak
         frozen.wait()
 
 
-def _mountinfo_with_root_on(tmp_path, fstype: str, source: str) -> str:
+def _mountinfo_with(tmp_path, folder, fstype: str, source: str) -> str:
+    """A mount table: `/` on ext4, `folder` a mount point of `fstype`."""
     info = tmp_path / f"mountinfo-{fstype}"
-    info.write_text(f"1 0 0:1 / / rw,relatime shared:1 - {fstype} {source} rw\n")
+    info.write_text("1 0 0:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+                    f"2 1 0:2 / {os.path.realpath(folder)} rw,relatime shared:2 - {fstype} {source} rw\n")
     return str(info)
 
 
 @pytest.mark.parametrize("fstype, source, in_kernel", [
     ("fuse.glusterfs", "server:/vol", False), ("nfs4", "server:/export", False), ("lustre", "mgs@tcp:/fs", False),
-    ("fuse.unknownfs", "x", False), ("ext4", "/dev/vda1", True), ("xfs", "/dev/sdb1", True),
+    ("fuse.unknownfs", "x", False), ("ext4", "/dev/vda2", True), ("xfs", "/dev/sdb1", True),
 ])
 def test_lock_waits_sleep_in_the_kernel_only_on_a_local_filesystem(make_ledger, monkeypatch, tmp_path,
                                                                    fstype, source, in_kernel):
-    """A blocking flock interrupted by a signal wedges a GlusterFS volume (docs/locking.md): off a local
-    filesystem a process waiting for its turn or for the ledger lock polls, however long the wait, and
-    whatever signals it gets meanwhile; on ext4/xfs it sleeps in the kernel."""
+    """A blocking flock interrupted by a signal wedges a GlusterFS volume (docs/locking.md): with the ledger
+    off a local filesystem, a process waiting for its turn or for the ledger lock makes no blocking flock on
+    the ledger's folder, however long the wait and whatever signals it gets meanwhile; it queues in the
+    kernel only behind the other processes of its host, on a local file (db.host_queue_path). With the
+    ledger on ext4/xfs it sleeps in the kernel on the ledger's turnstile itself."""
     from ledgerbc import db, mounts
 
     ledger, _settings = make_ledger(1)
-    monkeypatch.setattr(mounts, "MOUNTINFO", _mountinfo_with_root_on(tmp_path, fstype, source))
+    monkeypatch.setattr(mounts, "MOUNTINFO", _mountinfo_with(tmp_path, ledger.path.parent, fstype, source))
     monkeypatch.setattr(db, "TURN_WAIT", 0.05)
-    kernel_waits = []
+    kernel_waits = []  # the file of every blocking flock
     real_wait = db._flock_blocking
-    monkeypatch.setattr(db, "_flock_blocking", lambda fd, until: kernel_waits.append(fd) or real_wait(fd, until))
+    monkeypatch.setattr(db, "_flock_blocking", lambda fd, until: kernel_waits.append(
+        os.readlink(f"/proc/self/fd/{fd}")) or real_wait(fd, until))
     waiter = type(ledger)(ledger.path)
     holder = subprocess.Popen(  # holds the turnstile, then the ledger lock, for 0.3 s each
         [sys.executable, "-c", "import fcntl, os, sys, time\n"
@@ -383,8 +389,19 @@ def test_lock_waits_sleep_in_the_kernel_only_on_a_local_filesystem(make_ledger, 
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         holder.kill()
         holder.wait()
-    assert bool(kernel_waits) is in_kernel, (fstype, kernel_waits)
+    on_ledger_folder = [f for f in kernel_waits if Path(f).parent == ledger.path.parent]
+    assert bool(on_ledger_folder) is in_kernel, (fstype, kernel_waits)
+    if not in_kernel:
+        assert kernel_waits == [str(db.host_queue_path(ledger.path))], kernel_waits
     assert mounts.kernel_lock_wait_is_safe(ledger.path.parent) is in_kernel
+
+
+def test_the_host_queue_of_a_network_ledger_is_local_and_one_per_ledger(tmp_path):
+    from ledgerbc import db, mounts
+
+    a, b = db.host_queue_path(tmp_path / "a" / "ledgerbc.db"), db.host_queue_path(tmp_path / "b" / "ledgerbc.db")
+    assert a != b and a == db.host_queue_path(tmp_path / "a" / "ledgerbc.db")
+    assert mounts.kernel_lock_wait_is_safe(a.parent), f"{a.parent} is not on a local filesystem here"
 
 
 def test_processes_take_turns_at_the_lock(make_ledger):
