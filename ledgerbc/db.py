@@ -244,7 +244,8 @@ class _Turnstile:
         A blocking flock on a descriptor of our own, given back at once: only a wake-up call, so the lock
         is handed on as soon as its holder lets it go instead of at the next poll. filelock then takes it
         (the other waiters are all behind the turnstile). On a timeout, and where the kernel must not
-        wait, the caller just polls (every TURN_POLL: it is the only process polling the ledger lock).
+        wait, the caller just polls: it is the only process polling the ledger lock, so it may poll often
+        (every TURN_POLL; NETWORK_TURN_POLL on a network filesystem, where each poll is a request to the server).
         """
         if not self.waits_in_kernel():
             return
