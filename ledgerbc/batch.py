@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from . import claim, dorado, lease, modelplan, pod5check, split
 from .chemistry import chemistry_error
-from .durable import fsync_dir, fsync_path, nearly_full, probe_space
+from .durable import fsync_dir, fsync_path, nearly_full, probe_space, remove_tree
 from .errors import FULL_ERRNOS, LedgerCorrupt, LedgerError, LedgerNotFound, LockTimeout, NotOwner, StorageFull
 from .layout import MANIFEST, Layout, link_name
 from .publish import Installer, Move
@@ -144,7 +143,7 @@ class BatchRun:
         if self.assigned.is_dir():
             return self._links()
         tmp = self.crew.layout.half_made(self.batch.batch_id, self.crew.worker_id, self.batch.token)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         tmp.mkdir(parents=True)
         root = Path(self.crew.settings.input_dir)
         links = self._links()
@@ -402,6 +401,3 @@ def installer_for(layout: Layout, emit: str, result: split.SplitResult, ok_rels:
         stale += [p for p in layout.outputs_of(f.rel, emit, barcodes, flat=not barcoded) if p not in mine]
     return Installer([steps[kind] for kind in split.PUBLISH_ORDER], stale, check_lock)
 
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

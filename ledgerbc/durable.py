@@ -1,7 +1,11 @@
-"""fsync helpers: what makes a rename or a new file survive a crash of the node."""
+"""fsync helpers: what makes a rename or a new file survive a crash of the node; best-effort removal."""
 
+import logging
 import os
+import shutil
 from pathlib import Path
+
+log = logging.getLogger("ledgerbc.durable")
 
 PROBE_BYTES = 1 << 20
 
@@ -63,3 +67,13 @@ def probe_space(folder: Path, nbytes: int = PROBE_BYTES) -> None:
             probe.unlink()
         except OSError:
             pass
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder tree as far as possible, never raising: what is left, the janitor removes later.
+    `shutil.rmtree(ignore_errors=True)` alone still raises when closing a directory fails, as a close on
+    GlusterFS does with ESTALE when another client removed the folder meanwhile (a worker died of that)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except OSError as exc:
+        log.warning("could not remove %s (left for the janitor): %s", path, exc.strerror or exc)

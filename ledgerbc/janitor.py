@@ -9,7 +9,6 @@ mass-reclaim live work. `ledgerbc recover` (one-shot) judges by heartbeat age al
 
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 
 from . import claim, lease, models, published
 from .db import batch_ids_handed_out
+from .durable import remove_tree
 from .layout import Layout
 from .models import CLAIMED, DONE, PENDING, RUNNING, Batch, Pod5File
 
@@ -260,7 +260,7 @@ def cleanup(ledger, layout: Layout, report: JanitorReport) -> None:
         # since, and linked its folder after the rebuild; its batch can never be published (seed 510).
         for path in layout.assigned_dirs_for(batch_id) + [p for b, p in others if b == batch_id]:
             if path.exists():
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
                 report.cleaned.append(str(path.relative_to(layout.output)))
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ import sqlalchemy as sa
 
 from . import claim, db, models, pod5check, published
 from .create import check_input_dir, check_output_dir
-from .durable import fsync_dir
+from .durable import fsync_dir, remove_tree
 from .errors import BadInput
 from .layout import MANIFEST, Layout
 from .lease import lease_dir
@@ -372,7 +371,7 @@ def _adopt(conn, survey: Survey, max_id: int, now: float) -> list[str]:
     lines.append(f"{len(rows)} pod5 files found, {done} already published")
 
     for _batch_id, path in hidden_claims(layout):
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
         lines.append(f"{path.name}: a claim whose folder was never completed, removed")
 
     taken: dict[str, int] = {}  # rel -> the batch it was adopted into
@@ -397,7 +396,7 @@ def _adopt(conn, survey: Survey, max_id: int, now: float) -> list[str]:
                 members.append(row)
         if not members:
             # Everything in it is published (its worker died before removing it) or claimed anew: nobody needs it.
-            shutil.rmtree(a.folder, ignore_errors=True)
+            remove_tree(a.folder)
             lines.append(f"{name}: nothing left to do in it, removed")
             continue
         conn.execute(sa.insert(Batch).values(
@@ -424,7 +423,7 @@ def _adopt(conn, survey: Survey, max_id: int, now: float) -> list[str]:
     for batch_id, staged in layout.staging_dirs():
         a = adopted.get(batch_id)
         if a is None or staged.name != (f"{batch_id}.{a.token}" if a.token else str(batch_id)):
-            shutil.rmtree(staged, ignore_errors=True)
+            remove_tree(staged)
             lines.append(f"staging of batch {staged.name}: no ASSIGNED folder adopted, removed")
     conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name='batches'")
     conn.exec_driver_sql("INSERT INTO sqlite_sequence(name, seq) VALUES ('batches', ?)", (max_id,))

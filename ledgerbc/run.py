@@ -143,6 +143,7 @@ class Worker:
                               gpus=self.crew.gpus, dorado_version=version)
         janitor.reclaim_own_stale(self.ledger, self.settings, self.worker_id)
         code, pending = EXIT_OK, None
+        self._unstarted = None
         try:
             pending = self._loop()
         except LEDGER_UNAVAILABLE as exc:
@@ -152,7 +153,8 @@ class Worker:
             log.error("%s", exc)  # the one line saying which folder is full (no traceback, no second line)
             code = EXIT_STORAGE_FULL
         finally:
-            self._leave(pending, code)
+            # On any exit, also an unexpected one: give back a batch claimed and not started.
+            self._leave(pending if pending is not None else self._unstarted, code)
         if self.stop.requested and code == EXIT_OK:
             code = EXIT_STOPPED
         return code
@@ -175,9 +177,12 @@ class Worker:
             if batch is not None:
                 more = self.opts.max_batches is None or self.batches + 1 < self.opts.max_batches
                 job = BatchRun(self.crew, batch, more)
-                job.execute()
+                try:
+                    job.execute()
+                finally:
+                    self._unstarted = job.next  # claimed in the transaction that published this one
                 self.batches += 1
-                batch = job.next  # claimed in the transaction that published this one
+                batch = job.next
                 idle_since = time.monotonic()
                 continue
             if self.follower is not None:
