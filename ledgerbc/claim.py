@@ -93,6 +93,14 @@ _EVENT = Prepared.of(sa.insert(Event).values(
 _OWNER = Prepared.of(sa.select(B.worker_id, B.state, B.token).where(B.id == p("batch_id")))
 _TOUCH = Prepared.of(sa.update(W).where(W.worker_id == p("worker_id"))
                      .values(last_seen=p("now"), state=models.WORKER_RUNNING))
+# A claim writes the worker row only when it is older than `fresh_within` (or looks ahead of this clock, or
+# says exited): an UPDATE that changes no row dirties no page, and every page a transaction dirties costs four
+# writes and a read, round trips on a network filesystem (docs/benchmarks.md, "Which statement dirties ...").
+_TOUCH_IF_STALE = Prepared.of(sa.update(W).where(
+    W.worker_id == p("worker_id"),
+    sa.or_(W.last_seen < p("stale"), W.last_seen > p("now"), W.state != models.WORKER_RUNNING))
+    .values(last_seen=p("now"), state=models.WORKER_RUNNING))
+_KNOWN = Prepared.of(sa.select(W.worker_id).where(W.worker_id == p("worker_id")))
 _LIVE = Prepared.of(sa.select(sa.func.count()).select_from(W)
                     .where(W.state == models.WORKER_RUNNING, W.last_seen >= p("since")))
 _PENDING_COLUMNS = (P.id, P.size, P.attempts, P.isolate, P.chemistry)
@@ -130,10 +138,9 @@ _FINISH = Prepared.of(sa.update(B).where(B.id == p("batch_id"), B.state == RUNNI
                       .values(state=p("state"), finished_at=p("now"), error=p("error")))
 _PROVENANCE = Prepared.of(sa.update(B).where(B.id == p("batch_id"))
                           .values(model=p("model"), dorado_version=p("dorado_version"), gpus=p("gpus")))
-_WORKER_DONE = Prepared.of(sa.update(W).where(W.worker_id == p("worker_id"))
-                           .values(batches_done=W.batches_done + 1, last_seen=p("now")))
-HOT_PATH = (_EVENT, _OWNER, _TOUCH, _LIVE, _PENDING, _PENDING_OF_KEY, _NEW_BATCH, _TAKE_FILE, _BEAT,
-            _BATCH_FILES, _BATCH_FILES_BY_ID, _BATCH_FILES_BY_REL, _FILE_DONE, _OUTPUT, _FINISH, _PROVENANCE, _WORKER_DONE)
+HOT_PATH = (_EVENT, _OWNER, _TOUCH, _TOUCH_IF_STALE, _KNOWN, _LIVE, _PENDING, _PENDING_OF_KEY, _NEW_BATCH,
+            _TAKE_FILE, _BEAT, _BATCH_FILES, _BATCH_FILES_BY_ID, _BATCH_FILES_BY_REL, _FILE_DONE, _OUTPUT, _FINISH,
+            _PROVENANCE)
 
 
 def event(conn, now, kind, worker_id=None, batch_id=None, file_id=None, message=None):
@@ -152,10 +159,19 @@ def _owned(conn, c: Claim):
 
 
 # -- workers -----------------------------------------------------------------------------------------
-def touch_worker(conn, worker_id: str, now: float, **values) -> None:
-    """Mark a worker alive, re-creating its row if a rebuilt ledger does not know it yet."""
+def touch_worker(conn, worker_id: str, now: float, fresh_within: float = 0.0, **values) -> None:
+    """Mark a worker alive, re-creating its row if a rebuilt ledger does not know it yet.
+
+    `fresh_within` (the claim path): leave a row written less than that many seconds ago as it is. Its
+    `last_seen` is then at most that old while the worker works (readers allow a lease: `_LIVE`, status).
+    """
     if not values:  # the hot path: claims, heartbeats
-        if _TOUCH.run(conn, now=now, worker_id=worker_id).rowcount:
+        if fresh_within > 0:
+            if _TOUCH_IF_STALE.run(conn, now=now, stale=now - fresh_within, worker_id=worker_id).rowcount:
+                return
+            if _KNOWN.run(conn, worker_id=worker_id).fetchone() is not None:
+                return  # fresh enough: nothing written
+        elif _TOUCH.run(conn, now=now, worker_id=worker_id).rowcount:
             return
     values = dict(last_seen=now, state=models.WORKER_RUNNING, **values)
     updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
@@ -270,7 +286,7 @@ def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
     moved = _TAKE_FILE.run_many(conn, [{"id": r.id, "batch_id": batch_id} for r in chosen]).rowcount
     if moved != len(chosen):  # the row count proves the claim; anything else is a protocol breach
         raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(chosen)} files.")
-    touch_worker(conn, worker_id, now)
+    touch_worker(conn, worker_id, now, fresh_within=settings.heartbeat)
     files = [ClaimedFile(rel, fid, size, reads, samples, attempts, row_id)
              for row_id, rel, fid, size, reads, samples, attempts in _BATCH_FILES_BY_ID.run(
                  conn, batch_id=batch_id, names=json.dumps([r.id for r in chosen]))]
@@ -356,6 +372,20 @@ def _batch_files(conn, batch_id: int, rels=None) -> dict[str, tuple]:
     return {rel: (row_id, fid) for row_id, rel, fid, *_ in rows}
 
 
+def _claimed_files(conn, c: Claim, rels: list[str]) -> dict[str, tuple]:
+    """`_batch_files` of `rels` for a publication: first by the row ids the claim saw (the primary key: pages
+    the update reads anyway), by path only when a row moved (a rebuild renumbers rows under a live worker).
+    A row found by id counts only if it is still this batch's claim of the same path."""
+    wanted = set(rels)
+    ids = [f.id for f in c.files if f.rel in wanted]
+    if len(ids) == len(wanted) and None not in ids:
+        rows = _BATCH_FILES_BY_ID.run(conn, batch_id=c.batch_id, names=json.dumps(ids))
+        held = {rel: (row_id, fid) for row_id, rel, fid, *_ in rows}
+        if set(held) == wanted:
+            return held
+    return _batch_files(conn, c.batch_id, rels)
+
+
 def _finish_batch(conn, batch_id, state, now, error=None):
     _FINISH.run(conn, state=state, now=now, error=error, batch_id=batch_id)
 
@@ -395,7 +425,7 @@ def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts
     def txn(conn):
         now = _now(ledger)
         _owned(conn, c)
-        held = _batch_files(conn, c.batch_id, [r.rel for r in results])
+        held = _claimed_files(conn, c, [r.rel for r in results])
         check_identities(held, c, [r.rel for r in results])
         if installer is not None:
             installer.run()
@@ -418,8 +448,8 @@ def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts
         _finish_batch(conn, c.batch_id, models.BATCH_DONE, now)
         if provenance:
             _PROVENANCE.run(conn, batch_id=c.batch_id, **{k: provenance.get(k) for k in ("model", "dorado_version", "gpus")})
-        _WORKER_DONE.run(conn, now=now, worker_id=c.worker_id)
-        event(conn, now, "batch-done", c.worker_id, c.batch_id, message=f"{len(good)}/{len(results)} files done")
+        # No `batch-done` event and no count on the worker row: the batch row says done, by whom and when
+        # (status and the report count a worker's batches from it); each would be one more page to journal.
         return _claim(conn, c.worker_id, claim_next, now) if claim_next is not None else None
 
     return ledger.transact(txn, undo=installer.undo if installer is not None else None)

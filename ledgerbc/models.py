@@ -124,8 +124,10 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     device: Mapped[str | None] = mapped_column(String, nullable=True)
     started_at: Mapped[float] = mapped_column(Float)
+    # Written at registration, heartbeats, exit, and by a claim only when older than a heartbeat interval.
     last_seen: Mapped[float] = mapped_column(Float)
     state: Mapped[str] = mapped_column(String)  # running | exited
+    # No longer counted (a page per publication): status counts a worker's done batches. Kept for old ledgers.
     batches_done: Mapped[int] = mapped_column(Integer, default=0)
     dorado_version: Mapped[str | None] = mapped_column(String, nullable=True)
     gpus: Mapped[str | None] = mapped_column(String, nullable=True)

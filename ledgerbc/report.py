@@ -104,7 +104,7 @@ def collect(conn, now: float) -> ReportData:
         rels = conn.execute(sa.select(f.rel_path).where(f.state == models.DONE).order_by(f.rel_path)).scalars().all()
         summaries = [summary_relpath(r) for r in _spread(rels, SAMPLE_FILES)]
     workers = conn.execute(sa.select(models.Worker.worker_id, models.Worker.host, models.Worker.dorado_version,
-                                     models.Worker.gpus, models.Worker.batches_done)).all()
+                                     models.Worker.gpus)).all()
     return ReportData(
         settings=settings, now=now, counts={r[0]: r[1] for r in rows}, sizes={r[0]: r[2] for r in rows},
         done=done, batches=batches, samples=samples, chemistry=chemistry, failed=failed,

@@ -120,7 +120,7 @@ def collect(conn, now: float, settings) -> dict:
     workers = [
         {
             "worker_id": w.worker_id, "host": w.host, "device": w.device, "state": w.state,
-            "heartbeat_age_s": round(now - w.last_seen, 1), "batches_done": w.batches_done,
+            "heartbeat_age_s": round(now - w.last_seen, 1), "batches_done": 0,
             "dorado_version": w.dorado_version,
         }
         for w in conn.execute(sa.select(Worker).order_by(Worker.started_at)).all()
@@ -179,21 +179,28 @@ def collect(conn, now: float, settings) -> dict:
 
 
 def _worker_speeds(conn, workers: list[dict], running: list[dict]) -> None:
-    """Per running worker: its current batch, and its speed over its last SPEED_BATCHES done batches
-    (signal samples per second of basecalling; pod5 bytes per second too, the only one on ledgers whose
-    files have no sample count). The batches come from the small batches table, their files by batch id:
-    a join of the files table with batches instead added 0.3-0.4 s to a 1M-file status."""
+    """Per worker: how many batches it published, and per running worker its current batch and its speed
+    over its last SPEED_BATCHES done batches (signal samples per second of basecalling; pod5 bytes per
+    second too, the only one on ledgers whose files have no sample count). One pass over the done batches
+    (the small batches table; a publication keeps no count on the worker row, claim.publish); their files by
+    batch id: a join of the files table with batches instead added 0.3-0.4 s to a 1M-file status."""
     current = {b["worker_id"]: b for b in running}
-    live = [w["worker_id"] for w in workers if w["state"] == models.WORKER_RUNNING]
+    live = {w["worker_id"] for w in workers if w["state"] == models.WORKER_RUNNING}
     per_worker: dict[str, list] = {}  # worker -> [seconds, samples, files with samples, files, bytes]
-    if live:
+    done_by: dict[str, int] = {}
+    if workers:
         f, b = Pod5File, Batch
         recent = sa.select(b.id, b.worker_id, (b.finished_at - b.claimed_at).label("seconds"),
                            sa.func.row_number().over(partition_by=b.worker_id, order_by=b.finished_at.desc())
-                           .label("nth")).where(b.state == models.BATCH_DONE, b.worker_id.in_(live)).subquery()
+                           .label("nth"), sa.func.count().over(partition_by=b.worker_id).label("done"),
+                           ).where(b.state == models.BATCH_DONE).subquery()
         owner = {}
-        for batch_id, worker_id, seconds in conn.execute(
-                sa.select(recent.c.id, recent.c.worker_id, recent.c.seconds).where(recent.c.nth <= SPEED_BATCHES)):
+        for batch_id, worker_id, seconds, done in conn.execute(
+                sa.select(recent.c.id, recent.c.worker_id, recent.c.seconds, recent.c.done)
+                .where(recent.c.nth <= SPEED_BATCHES)):
+            done_by[worker_id] = done
+            if worker_id not in live:
+                continue
             owner[batch_id] = worker_id
             per_worker.setdefault(worker_id, [0.0, 0, 0, 0, 0])[0] += seconds or 0.0
         if owner:
@@ -207,6 +214,7 @@ def _worker_speeds(conn, workers: list[dict], running: list[dict]) -> None:
                 acc[3] += n_files
                 acc[4] += size or 0
     for w in workers:
+        w["batches_done"] = done_by.get(w["worker_id"], 0)
         batch = current.get(w["worker_id"])
         w["current_batch"] = batch["batch_id"] if batch else None
         w["current_batch_s"] = batch["running_s"] if batch else None

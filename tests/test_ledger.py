@@ -14,7 +14,7 @@ import filelock
 import pytest
 import sqlalchemy as sa
 
-from ledgerbc import claim, db, janitor, models
+from ledgerbc import claim, db, janitor, models, status
 from ledgerbc.claim import FileResult, choose_batch
 from ledgerbc.errors import LockTimeout, NotOwner
 from ledgerbc.models import Batch, Pod5File, Worker
@@ -172,8 +172,43 @@ def test_publish_records_every_file_and_installs_once(make_ledger, clock):
         assert (r.state, r.reads_pass, r.reads_fail, r.bases, r.done_at) == (models.DONE, 2, 1, 300, clock.now)
     b = batches(ledger)[c.batch_id]
     assert (b.state, b.finished_at) == (models.BATCH_DONE, clock.now)
-    workers = ledger.transact(lambda conn: conn.execute(sa.select(Worker)).all())
-    assert [(w.worker_id, w.batches_done) for w in workers] == [("w", 1)]
+    workers = ledger.transact(lambda conn: status.collect(conn, clock.now, settings))["workers"]
+    assert [(w["worker_id"], w["batches_done"]) for w in workers] == [("w", 1)]
+
+
+def worker_row(ledger, worker_id="w"):
+    return ledger.transact(lambda conn: conn.execute(sa.select(Worker).where(Worker.worker_id == worker_id)).first())
+
+
+def test_a_claim_writes_the_worker_row_only_when_it_is_older_than_a_heartbeat(make_ledger, clock):
+    """The hot path leaves a fresh worker row alone (a page less to journal per claim), and still keeps it
+    within one heartbeat interval of the truth, re-creates it, revives an exited one, corrects a future one."""
+    ledger, settings = make_ledger(8, clock=clock)  # heartbeat 5 s, 1-file batches
+    claim.register_worker(ledger, "w", "host", 1, "cuda:0")
+    registered = clock.now
+    clock.advance(settings.heartbeat - 1)
+    c = claim.claim_batch(ledger, "w", settings)
+    assert worker_row(ledger).last_seen == registered, "a fresh row was written again"
+    clock.advance(2)  # now more than a heartbeat since the row was written
+    c = claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+    assert worker_row(ledger).last_seen == clock.now
+    clock.advance(1)
+    c = claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+    assert worker_row(ledger).last_seen == clock.now - 1
+    # Gone (a rebuilt ledger that never saw this worker): the claim re-creates it.
+    ledger.transact(lambda conn: conn.execute(sa.delete(Worker)))
+    c = claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+    assert (worker_row(ledger).last_seen, worker_row(ledger).state) == (clock.now, models.WORKER_RUNNING)
+    # Marked exited (by a worker_exited of a previous life), or ahead of this clock: written at once.
+    ledger.transact(lambda conn: conn.execute(sa.update(Worker).values(state=models.WORKER_EXITED)))
+    c = claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+    assert (worker_row(ledger).last_seen, worker_row(ledger).state) == (clock.now, models.WORKER_RUNNING)
+    ledger.transact(lambda conn: conn.execute(sa.update(Worker).values(last_seen=clock.now + 3600)))
+    claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+    assert worker_row(ledger).last_seen == clock.now
+    # Status counts the batches from their rows: five published, one running.
+    workers = ledger.transact(lambda conn: status.collect(conn, clock.now, settings))["workers"]
+    assert [(w["worker_id"], w["batches_done"], w["current_batch"] is not None) for w in workers] == [("w", 5, True)]
 
 
 # -- fencing ---------------------------------------------------------------------------------------------
