@@ -148,7 +148,8 @@ _real, _moves = os.replace, []
 
 
 def _replace(src, dst, **kw):  # the second rename of a publication (staging -> OUTPUT_DIR) fails
-    if "staging" in str(src).split(os.sep) and "staging" not in str(dst).split(os.sep):
+    # (a call into a folder not made yet fails on its own and is tried again once the folder exists)
+    if "staging" in str(src).split(os.sep) and "staging" not in str(dst).split(os.sep) and os.path.isdir(os.path.dirname(dst)):
         _moves.append(dst)
         if len(_moves) == 2:
             raise OSError(5, "Input/output error (test)", str(dst))
@@ -321,6 +322,37 @@ def test_recover_force_during_a_run_fails_no_good_file(tmp_path):
 
 
 # -- found by reading: renames made durable in order ---------------------------------------------------------------
+def test_a_rename_into_an_existing_folder_looks_at_nothing_else_and_a_rerun_is_idempotent(tmp_path, monkeypatch):
+    """Under the lock, on a network filesystem every `stat` is a round trip: a publication renames into a
+    folder that exists without looking at the staged file or the folder first; a new folder is still made
+    (durably) before the rename into it; a second run of the same publication finds its moves done; a staged
+    file that is gone with no output in place is an error."""
+    from ledgerbc import publish
+
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    (out / "pass" / "old").mkdir(parents=True)
+    moves = []
+    for rel in ("old/a", "old/b", "new/deeper/c"):
+        staged = staging / rel.replace("/", "_")
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_text(rel)
+        moves.append(publish.Move(staged, out / "pass" / rel))
+    looked = []
+    real_stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: (looked.append(self), real_stat(self, **kw))[1])
+    publish.Installer([moves[:2]]).run()
+    assert looked == [], f"looked at {looked} before renaming into an existing folder"
+    publish.Installer([moves[2:]]).run()  # its folder does not exist yet: made, then the rename
+    assert [p.read_text() for p in (m.final for m in moves)] == ["old/a", "old/b", "new/deeper/c"]
+    again = publish.Installer([moves])
+    again.run()  # every staged file is gone and every output in place: nothing to do, no error
+    assert again._done == []
+    monkeypatch.undo()
+    missing = publish.Move(staging / "gone", out / "pass" / "old" / "gone")
+    with pytest.raises(FileNotFoundError, match="staged output is missing"):
+        publish.Installer([[missing]]).run()
+
+
 def test_publication_steps_are_durable_in_order_and_new_folders_before_renames_into_them(tmp_path, monkeypatch):
     """After a power loss, a later step (pass/, the summary) must never be on disk without an earlier one
     (fail/), nor a file in a folder whose own entry was not made durable."""
