@@ -117,6 +117,7 @@ def worker(index: int, barrier, path: str, seconds: float, frame: str, journal: 
 
 def make_db(path: Path, procs: int) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size={db.PAGE_SIZE}")  # the ledger's (db.create_ledger_file)
     conn.execute("CREATE TABLE ceiling (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
     conn.executemany("INSERT INTO ceiling VALUES (?, 0)", [(i,) for i in range(procs)])
     conn.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from . import models
+from .db import BATCH_IDS_HANDED_OUT_SQL
 from .errors import IllegalTransition, NotOwner
 from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Batch, Event, Output, Pod5File, Worker
 from .prepared import Prepared, p
@@ -93,22 +94,15 @@ _EVENT = Prepared.of(sa.insert(Event).values(
 _OWNER = Prepared.of(sa.select(B.worker_id, B.state, B.token).where(B.id == p("batch_id")))
 _TOUCH = Prepared.of(sa.update(W).where(W.worker_id == p("worker_id"))
                      .values(last_seen=p("now"), state=models.WORKER_RUNNING))
-# A claim writes the worker row only when it is older than `fresh_within` (or looks ahead of this clock, or
-# says exited): an UPDATE that changes no row dirties no page, and every page a transaction dirties costs four
-# writes and a read, round trips on a network filesystem (docs/benchmarks.md, "Which statement dirties ...").
-_TOUCH_IF_STALE = Prepared.of(sa.update(W).where(
-    W.worker_id == p("worker_id"),
-    sa.or_(W.last_seen < p("stale"), W.last_seen > p("now"), W.state != models.WORKER_RUNNING))
-    .values(last_seen=p("now"), state=models.WORKER_RUNNING))
-_KNOWN = Prepared.of(sa.select(W.worker_id).where(W.worker_id == p("worker_id")))
 _LIVE = Prepared.of(sa.select(sa.func.count()).select_from(W)
                     .where(W.state == models.WORKER_RUNNING, W.last_seen >= p("since")))
 _PENDING_COLUMNS = (P.id, P.size, P.attempts, P.isolate, P.chemistry)
 _PENDING = Prepared.of(sa.select(*_PENDING_COLUMNS).where(P.state == PENDING).order_by(P.id).limit(p("n")))
 _PENDING_OF_KEY = Prepared.of(sa.select(*_PENDING_COLUMNS)
                               .where(P.state == PENDING, P.chemistry.is_(p("chemistry"))).order_by(P.id).limit(p("n")))
+# The new id: above every id handed out (db.BATCH_IDS_HANDED_OUT_SQL: the table's highest, a rebuild's floor).
 _NEW_BATCH = Prepared.of(sa.insert(B).values(
-    worker_id=p("worker_id"), state=RUNNING, claimed_at=p("now"), heartbeat_at=p("now"), n_files=p("n_files"),
+    id=sa.literal_column(f"(SELECT {BATCH_IDS_HANDED_OUT_SQL}) + 1"), worker_id=p("worker_id"), state=RUNNING, claimed_at=p("now"), heartbeat_at=p("now"), n_files=p("n_files"),
     n_bytes=p("n_bytes"), token=p("token"), chemistry=p("chemistry")))
 _TAKE_FILE = Prepared.of(sa.update(P).where(P.id == p("id"), P.state == PENDING)
                          .values(state=CLAIMED, batch_id=p("batch_id")))
@@ -138,7 +132,7 @@ _FINISH = Prepared.of(sa.update(B).where(B.id == p("batch_id"), B.state == RUNNI
                       .values(state=p("state"), finished_at=p("now"), error=p("error")))
 _PROVENANCE = Prepared.of(sa.update(B).where(B.id == p("batch_id"))
                           .values(model=p("model"), dorado_version=p("dorado_version"), gpus=p("gpus")))
-HOT_PATH = (_EVENT, _OWNER, _TOUCH, _TOUCH_IF_STALE, _KNOWN, _LIVE, _PENDING, _PENDING_OF_KEY, _NEW_BATCH,
+HOT_PATH = (_EVENT, _OWNER, _TOUCH, _LIVE, _PENDING, _PENDING_OF_KEY, _NEW_BATCH,
             _TAKE_FILE, _BEAT, _BATCH_FILES, _BATCH_FILES_BY_ID, _BATCH_FILES_BY_REL, _FILE_DONE, _OUTPUT, _FINISH,
             _PROVENANCE)
 
@@ -159,26 +153,44 @@ def _owned(conn, c: Claim):
 
 
 # -- workers -----------------------------------------------------------------------------------------
-def touch_worker(conn, worker_id: str, now: float, fresh_within: float = 0.0, **values) -> None:
-    """Mark a worker alive, re-creating its row if a rebuilt ledger does not know it yet.
+class _Recent:
+    """What this process wrote and read in each ledger lately, by the ledger's clock: when it last wrote a
+    worker's row (`touch_worker` with `where`), and the live-worker count it last read (`_live_workers`).
 
-    `fresh_within` (the claim path): leave a row written less than that many seconds ago as it is. Its
-    `last_seen` is then at most that old while the worker works (readers allow a lease: `_LIVE`, status).
+    A worker's claim reads neither page again within one heartbeat interval: on a network filesystem every
+    page a transaction reads is a round trip under the lock, and the count reads the whole workers table. Both
+    are read with more slack than that: `last_seen` within a lease (at least three heartbeats), and the count
+    sizes the tail of a run, whose workers come and go over minutes. A row deleted meanwhile (a rebuilt
+    ledger) or marked exited is written again within a heartbeat. In a run, the heartbeats during dorado
+    write the row, so a claim after a batch skips it; the count is remembered per worker, so it is read
+    again at every claim of a worker whose batches last longer than a heartbeat (most): it saves reads only
+    where claims come often (small batches, the shrinking tail, bench/claim.py's instant basecaller).
     """
-    if not values:  # the hot path: claims, heartbeats
-        if fresh_within > 0:
-            if _TOUCH_IF_STALE.run(conn, now=now, stale=now - fresh_within, worker_id=worker_id).rowcount:
-                return
-            if _KNOWN.run(conn, worker_id=worker_id).fetchone() is not None:
-                return  # fresh enough: nothing written
-        elif _TOUCH.run(conn, now=now, worker_id=worker_id).rowcount:
-            return
-    values = dict(last_seen=now, state=models.WORKER_RUNNING, **values)
-    updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
-    if updated.rowcount == 0:
-        values.setdefault("host", worker_id.rsplit("@", 1)[-1])
-        values.setdefault("pid", 0)
-        conn.execute(sa.insert(Worker).values(worker_id=worker_id, started_at=now, batches_done=0, **values))
+
+    def __init__(self):
+        self.written: dict[tuple[str, str], float] = {}
+        self.live: dict[tuple[str, str], tuple[float, int]] = {}
+
+    @staticmethod
+    def fresh(at: float | None, now: float, within: float) -> bool:
+        return at is not None and 0 <= now - at < within  # a clock that went back counts as stale
+
+
+_RECENT = _Recent()
+
+
+def touch_worker(conn, worker_id: str, now: float, where: str | None = None, **values) -> None:
+    """Mark a worker alive, re-creating its row if a rebuilt ledger does not know it yet. `where` (the
+    ledger's path): remember the write, so that the claims of the next heartbeat interval skip it."""
+    if values or not _TOUCH.run(conn, now=now, worker_id=worker_id).rowcount:
+        values = dict(last_seen=now, state=models.WORKER_RUNNING, **values)
+        updated = conn.execute(sa.update(Worker).where(Worker.worker_id == worker_id).values(**values))
+        if updated.rowcount == 0:
+            values.setdefault("host", worker_id.rsplit("@", 1)[-1])
+            values.setdefault("pid", 0)
+            conn.execute(sa.insert(Worker).values(worker_id=worker_id, started_at=now, batches_done=0, **values))
+    if where is not None:
+        _RECENT.written[(where, worker_id)] = now
 
 
 def register_worker(ledger, worker_id: str, host: str, pid: int, device: str | None, **details) -> None:
@@ -186,7 +198,7 @@ def register_worker(ledger, worker_id: str, host: str, pid: int, device: str | N
 
     def txn(conn):
         now = _now(ledger)
-        touch_worker(conn, worker_id, now, host=host, pid=pid, device=device, **details)
+        touch_worker(conn, worker_id, now, str(ledger.path), host=host, pid=pid, device=device, **details)
         event(conn, now, "worker-start", worker_id, message=f"{host} pid {pid} {device or ''}".strip())
 
     ledger.transact(txn)
@@ -205,6 +217,15 @@ def worker_exited(ledger, worker_id: str, reason: str = "") -> None:
 # -- claim -------------------------------------------------------------------------------------------
 def _live_workers(conn, now: float, window: float) -> int:
     return _LIVE.run(conn, since=now - window).fetchone()[0]
+
+
+def _live_workers_lately(conn, where: str, worker_id: str, now: float, settings) -> int:
+    """`_live_workers`, read again only once the count this worker read is a heartbeat old (`_Recent`)."""
+    at, live = _RECENT.live.get((where, worker_id), (None, 0))
+    if not _RECENT.fresh(at, now, settings.heartbeat):
+        live = _live_workers(conn, now, settings.lease + settings.clock_skew)
+        _RECENT.live[(where, worker_id)] = (now, live)
+    return live
 
 
 def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: bool):
@@ -257,12 +278,13 @@ def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: boo
 
 def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
     """Atomically claim the next batch of pending files for `worker_id`; None when nothing is pending."""
-    return ledger.transact(lambda conn: _claim(conn, worker_id, settings, _now(ledger)))
+    return ledger.transact(lambda conn: _claim(conn, str(ledger.path), worker_id, settings, _now(ledger)))
 
 
-def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
-    """The claim itself, inside a transaction (claim_batch, or publish with claim_next)."""
-    live = _live_workers(conn, now, settings.lease + settings.clock_skew)
+def _claim(conn, where: str, worker_id: str, settings, now: float) -> Claim | None:
+    """The claim itself, inside a transaction (claim_batch, or publish with claim_next), in the ledger at
+    `where` (its path: what this process read and wrote there lately, `_Recent`)."""
+    live = _live_workers_lately(conn, where, worker_id, now, settings)
     # Read only as far ahead as the sizing rule needs: with a file target, whether fewer than
     # target x share files remain; with a byte target, up to LOOKAHEAD rows. Lean columns and the
     # driver's own rows: this read is most of a claim's time under the lock.
@@ -286,7 +308,8 @@ def _claim(conn, worker_id: str, settings, now: float) -> Claim | None:
     moved = _TAKE_FILE.run_many(conn, [{"id": r.id, "batch_id": batch_id} for r in chosen]).rowcount
     if moved != len(chosen):  # the row count proves the claim; anything else is a protocol breach
         raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(chosen)} files.")
-    touch_worker(conn, worker_id, now, fresh_within=settings.heartbeat)
+    if not _RECENT.fresh(_RECENT.written.get((where, worker_id)), now, settings.heartbeat):
+        touch_worker(conn, worker_id, now, where)
     files = [ClaimedFile(rel, fid, size, reads, samples, attempts, row_id)
              for row_id, rel, fid, size, reads, samples, attempts in _BATCH_FILES_BY_ID.run(
                  conn, batch_id=batch_id, names=json.dumps([r.id for r in chosen]))]
@@ -303,7 +326,7 @@ def heartbeat(ledger, c: Claim) -> None:
         now = _now(ledger)
         _owned(conn, c)
         _BEAT.run(conn, now=now, batch_id=c.batch_id)
-        touch_worker(conn, c.worker_id, now)
+        touch_worker(conn, c.worker_id, now, str(ledger.path))
 
     ledger.transact(txn)
 
@@ -450,7 +473,7 @@ def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts
             _PROVENANCE.run(conn, batch_id=c.batch_id, **{k: provenance.get(k) for k in ("model", "dorado_version", "gpus")})
         # No `batch-done` event and no count on the worker row: the batch row says done, by whom and when
         # (status and the report count a worker's batches from it); each would be one more page to journal.
-        return _claim(conn, c.worker_id, claim_next, now) if claim_next is not None else None
+        return _claim(conn, str(ledger.path), c.worker_id, claim_next, now) if claim_next is not None else None
 
     return ledger.transact(txn, undo=installer.undo if installer is not None else None)
 

@@ -71,6 +71,11 @@ LOCK_TRUST_RETRIES = 3
 # safe across hosts: a journal is "hot" (rolled back by the next transaction, under our lock) only when it
 # is non-empty with a non-zero header and no SQLite lock is held, which only a crash mid-commit leaves.
 JOURNAL_MODE = "DELETE"
+# The page size of a new ledger. With 8 KiB the schema fits on page 1, which every transaction reads anyway:
+# a transaction on a fresh connection reads two pages fewer than with SQLite's 4 KiB (the schema's own pages),
+# each a round trip on a network filesystem (docs/benchmarks.md, "Fewer pages per claim"). Ledgers made
+# before keep their 4 KiB pages (a page size changes only by VACUUM); both work alike.
+PAGE_SIZE = 8192
 
 _CORRUPT_MARKERS = ("file is not a database", "malformed", "not a database", "file is encrypted")
 _BUSY_MARKERS = ("database is locked", "database is busy", "database table is locked")
@@ -91,15 +96,19 @@ def _sqlite_connect(path: Path, create: bool):
         f"file:{quote(str(path))}?mode={mode}", uri=True, timeout=30, isolation_level=None,
         check_same_thread=False,
     )
+    if create:
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # no I/O; it takes effect when the first table is written
     return conn
 
 
-def make_engine(path: Path, create: bool = False, careful: bool = True) -> sa.Engine:
+def make_engine(path: Path, create: bool = False, careful: bool = True, foreign_keys: bool = True) -> sa.Engine:
     """The only engine factory: NullPool, rollback journal, synchronous=FULL, BEGIN IMMEDIATE.
 
     `careful`: set the journal mode and synchronous=FULL as soon as a connection opens, which reads the
     file's first page: for callers that create the file or already hold the lock (create, migrate).
     `Ledger` opens connections before taking the lock and passes False: it sets them under the lock.
+    `foreign_keys=False`: for migrations, which copy a table that others refer to (SQLite's own procedure
+    for a schema change; a migration that copies checks the references itself).
     """
     engine = sa.create_engine(
         "sqlite://", creator=lambda: _sqlite_connect(path, create), poolclass=NullPool
@@ -109,7 +118,8 @@ def make_engine(path: Path, create: bool = False, careful: bool = True) -> sa.En
     def _pragmas(dbapi_conn, _record):
         if careful:
             set_pragmas(dbapi_conn)
-        dbapi_conn.execute("PRAGMA foreign_keys=ON")  # a setting of the connection (no I/O); a no-op in a transaction
+        # a setting of the connection (no I/O); a no-op in a transaction
+        dbapi_conn.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
 
     @event.listens_for(engine, "begin")
     def _begin(conn):
@@ -617,10 +627,25 @@ def _short(exc) -> str:
     return str(orig).splitlines()[0][:200]
 
 
+# Every batch id up to this has been handed out: the highest id in the table, or the floor a rebuild set above
+# every id it saw, kept in the database header's user_version (page 1, which every transaction reads and every
+# write changes anyway: no page of its own, unlike AUTOINCREMENT's counter; migration 0005). A new batch
+# takes the next id (claim._NEW_BATCH). Batch rows are never deleted.
+BATCH_IDS_HANDED_OUT_SQL = ("max(coalesce((SELECT max(id) FROM batches), 0), "
+                            "(SELECT user_version FROM pragma_user_version))")
+BATCH_ID_FLOOR_MAX = 2**31 - 1  # user_version is a signed 32-bit integer
+
+
 def batch_ids_handed_out(conn) -> int | None:
-    """The batch id counter (SQLite's AUTOINCREMENT sequence, which a rebuild sets above every id it saw):
-    every id up to it has been handed out. None before the first batch."""
-    return conn.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name='batches'").scalar()
+    """Every batch id up to this one has been handed out (BATCH_IDS_HANDED_OUT_SQL). None before the first."""
+    return conn.exec_driver_sql(f"SELECT {BATCH_IDS_HANDED_OUT_SQL}").scalar() or None
+
+
+def set_batch_id_floor(conn, floor: int) -> None:
+    """New batch ids start above `floor` (a rebuild: above every id the lost ledger may have handed out)."""
+    if not 0 <= floor <= BATCH_ID_FLOOR_MAX:
+        raise errors.LedgerError(f"batch id floor {floor} is out of range (0..{BATCH_ID_FLOOR_MAX}).")
+    conn.exec_driver_sql(f"PRAGMA user_version = {int(floor)}")
 
 
 def write_settings(conn, settings) -> None:
@@ -637,7 +662,7 @@ def create_ledger_file(path: Path, settings, revision: str | None = None) -> Non
     from . import schema
 
     revision = revision or schema.head_revision()
-    engine = make_engine(path, create=True)
+    engine = make_engine(path, create=True, foreign_keys=False)
     try:
         with engine.connect() as conn:
             schema.upgrade(conn, revision)

@@ -41,7 +41,7 @@ def upgrade_ledger(ledger):
             return before, before, None
         backup = ledger.path.with_name(f"{ledger.path.name}.before-{head}")
         shutil.copy2(ledger.path, backup)
-        engine = db.make_engine(ledger.path)
+        engine = db.make_engine(ledger.path, foreign_keys=False)
         try:
             with engine.connect() as conn:
                 schema.upgrade(conn, "head")

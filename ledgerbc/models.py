@@ -60,8 +60,9 @@ class Setting(Base):
 class Pod5File(Base):
     __tablename__ = "pod5_files"
     __table_args__ = (
-        Index("ix_pod5_files_state_id", "state", "id"),
-        Index("ix_pod5_files_state_chemistry_id", "state", "chemistry", "id"),
+        # The queue, oldest first, with each file's chemistry (migration 0005): one index that every state change
+        # writes, read by the claim for the oldest pending files and for a chemistry's own.
+        Index("ix_pod5_files_queue", "state", "id", "chemistry"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -93,10 +94,12 @@ class Pod5File(Base):
 
 
 class Batch(Base):
-    """A claim. Its id is the fencing token: AUTOINCREMENT guarantees it is never reused."""
+    """A claim. Its id and nonce are the fencing token. A new id is above every id in the table and above the
+    floor a rebuild sets (`db.BATCH_IDS_HANDED_OUT_SQL`: the header's user_version); no AUTOINCREMENT, whose
+    counter was one more page to journal per claim (migration 0005)."""
 
     __tablename__ = "batches"
-    __table_args__ = (Index("ix_batches_state", "state"), {"sqlite_autoincrement": True})
+    __table_args__ = (Index("ix_batches_state", "state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     worker_id: Mapped[str] = mapped_column(String)

@@ -272,8 +272,10 @@ def _old_ledger(ledger_path: Path) -> tuple[int, bool]:
     try:
         conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=5)
         try:
-            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='batches'").fetchone()
-            return (int(row[0]) if row else 0), True
+            counters = [f"SELECT {db.BATCH_IDS_HANDED_OUT_SQL}"]
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+                counters.append("SELECT seq FROM sqlite_sequence WHERE name = 'batches'")  # before migration 0005
+            return max(int((conn.execute(sql).fetchone() or (0,))[0] or 0) for sql in counters), True
         finally:
             conn.close()
     except sqlite3.Error:
@@ -425,8 +427,7 @@ def _adopt(conn, survey: Survey, max_id: int, now: float) -> list[str]:
         if a is None or staged.name != (f"{batch_id}.{a.token}" if a.token else str(batch_id)):
             remove_tree(staged)
             lines.append(f"staging of batch {staged.name}: no ASSIGNED folder adopted, removed")
-    conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name='batches'")
-    conn.exec_driver_sql("INSERT INTO sqlite_sequence(name, seq) VALUES ('batches', ?)", (max_id,))
+    db.set_batch_id_floor(conn, max_id)
     conn.execute(sa.insert(models.Event).values(ts=now, kind="rebuild", message="; ".join(lines)[:2000]))
     lines.append(f"new batch ids start above {max_id}")
     return lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -180,35 +181,57 @@ def worker_row(ledger, worker_id="w"):
     return ledger.transact(lambda conn: conn.execute(sa.select(Worker).where(Worker.worker_id == worker_id)).first())
 
 
-def test_a_claim_writes_the_worker_row_only_when_it_is_older_than_a_heartbeat(make_ledger, clock):
-    """The hot path leaves a fresh worker row alone (a page less to journal per claim), and still keeps it
-    within one heartbeat interval of the truth, re-creates it, revives an exited one, corrects a future one."""
-    ledger, settings = make_ledger(8, clock=clock)  # heartbeat 5 s, 1-file batches
+def test_a_claim_reads_and_writes_the_worker_pages_at_most_once_a_heartbeat(make_ledger, clock, monkeypatch):
+    """The hot path neither writes this worker's row nor counts the live workers again within a heartbeat
+    interval of doing so (pages it need not read or journal under the lock), and still keeps the row within a
+    heartbeat of the truth: re-created when gone, revived when marked exited, corrected when ahead of the clock."""
+    ledger, settings = make_ledger(12, clock=clock)  # heartbeat 5 s, 1-file batches
+    counts = []
+    live_workers = claim._live_workers
+    monkeypatch.setattr(claim, "_live_workers", lambda *a: counts.append(clock.now) or live_workers(*a))
+
+    def publish(c):
+        return claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+
     claim.register_worker(ledger, "w", "host", 1, "cuda:0")
     registered = clock.now
     clock.advance(settings.heartbeat - 1)
     c = claim.claim_batch(ledger, "w", settings)
-    assert worker_row(ledger).last_seen == registered, "a fresh row was written again"
-    clock.advance(2)  # now more than a heartbeat since the row was written
-    c = claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
-    assert worker_row(ledger).last_seen == clock.now
-    clock.advance(1)
-    c = claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
-    assert worker_row(ledger).last_seen == clock.now - 1
-    # Gone (a rebuilt ledger that never saw this worker): the claim re-creates it.
+    assert worker_row(ledger).last_seen == registered, "a row this process wrote within a heartbeat was written again"
+    assert counts == [clock.now]
+    clock.advance(0.5)
+    c = publish(c)
+    assert worker_row(ledger).last_seen == registered and counts == [clock.now - 0.5], "read or wrote again"
+    clock.advance(2)  # more than a heartbeat since the row was written, not since the count
+    c = publish(c)
+    assert worker_row(ledger).last_seen == clock.now and len(counts) == 1
+    clock.advance(settings.heartbeat)
+    c = publish(c)
+    assert worker_row(ledger).last_seen == clock.now and counts[-1] == clock.now and len(counts) == 2
+    # Gone (a rebuilt ledger that never saw this worker): back within a heartbeat.
     ledger.transact(lambda conn: conn.execute(sa.delete(Worker)))
-    c = claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+    clock.advance(1)
+    c = publish(c)
+    assert worker_row(ledger) is None
+    clock.advance(settings.heartbeat)
+    c = publish(c)
     assert (worker_row(ledger).last_seen, worker_row(ledger).state) == (clock.now, models.WORKER_RUNNING)
-    # Marked exited (by a worker_exited of a previous life), or ahead of this clock: written at once.
+    # Marked exited (by a worker_exited of a previous life), or ahead of this clock: within a heartbeat too.
     ledger.transact(lambda conn: conn.execute(sa.update(Worker).values(state=models.WORKER_EXITED)))
-    c = claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+    clock.advance(settings.heartbeat)
+    c = publish(c)
     assert (worker_row(ledger).last_seen, worker_row(ledger).state) == (clock.now, models.WORKER_RUNNING)
     ledger.transact(lambda conn: conn.execute(sa.update(Worker).values(last_seen=clock.now + 3600)))
-    claim.publish(ledger, c, ok_results(c), None, settings.max_attempts, claim_next=settings)
+    clock.advance(settings.heartbeat)
+    c = publish(c)
     assert worker_row(ledger).last_seen == clock.now
-    # Status counts the batches from their rows: five published, one running.
+    # A clock that went back: what this process remembers counts as stale, the row is written.
+    clock.advance(-60)
+    c = publish(c)
+    assert worker_row(ledger).last_seen == clock.now
+    # Status counts the batches from their rows: eight published, one running.
     workers = ledger.transact(lambda conn: status.collect(conn, clock.now, settings))["workers"]
-    assert [(w["worker_id"], w["batches_done"], w["current_batch"] is not None) for w in workers] == [("w", 5, True)]
+    assert [(w["worker_id"], w["batches_done"], w["current_batch"] is not None) for w in workers] == [("w", 8, True)]
 
 
 # -- fencing ---------------------------------------------------------------------------------------------
@@ -316,15 +339,30 @@ def test_reclaim_past_max_attempts_fails_the_file(make_ledger):
 
 
 # -- fencing tokens and the lock --------------------------------------------------------------------------
-def test_batch_ids_are_never_reused(make_ledger):
+def test_batch_ids_rise_above_the_table_and_a_rebuilds_floor_and_a_reused_id_still_fences(make_ledger):
     ledger, settings = make_ledger(4)
     a = claim.claim_batch(ledger, "w", settings)
     b = claim.claim_batch(ledger, "w", settings)
-    claim.release_batch(ledger, b, "test")
-    ledger.transact(lambda conn: conn.execute(sa.delete(Batch).where(Batch.id == b.batch_id)))
-    assert max(batches(ledger)) == a.batch_id  # the highest id is gone from the table...
+    assert b.batch_id == a.batch_id + 1
+    # A rebuild's floor (every id the lost ledger may have handed out): the next id is above it. It lives in
+    # the database header, not in a counter row of its own (AUTOINCREMENT's sqlite_sequence: a page per claim).
+    ledger.transact(lambda conn: db.set_batch_id_floor(conn, 40))
     c = claim.claim_batch(ledger, "w", settings)
-    assert c.batch_id > b.batch_id  # ...but AUTOINCREMENT never hands it out again
+    assert c.batch_id == 41 and ledger.transact(db.batch_ids_handed_out) == 41
+    assert ledger.transact(lambda conn: conn.exec_driver_sql(
+        "SELECT count(*) FROM sqlite_sequence WHERE name = 'batches'").scalar()) == 0
+    assert sqlite3.connect(ledger.path).execute("PRAGMA user_version").fetchone()[0] == 40
+    # ledgerbc never deletes a batch row. Deleted by hand, its id can be handed out again, with another
+    # nonce: the worker that holds the old claim is fenced all the same.
+    claim.release_batch(ledger, c, "test")
+    ledger.transact(lambda conn: conn.execute(sa.delete(Batch).where(Batch.id == c.batch_id)))
+    d = claim.claim_batch(ledger, "w", settings)
+    assert d.batch_id == c.batch_id and d.token != c.token
+    with pytest.raises(NotOwner, match="another fencing token"):
+        claim.heartbeat(ledger, c)
+    with pytest.raises(NotOwner):
+        claim.publish(ledger, c, [FileResult(f.rel, ok=True) for f in c.files], None, 3)
+    assert {f.rel for f in d.files} <= {r.rel_path for r in files(ledger).values() if r.state == models.CLAIMED}
 
 
 def test_every_transaction_waits_for_the_lock_file(make_ledger):

@@ -75,3 +75,57 @@ def test_the_revisions_read_without_alembic_are_alembics_own():
 
     walked = ScriptDirectory.from_config(schema.alembic_config()).walk_revisions()
     assert schema.known_revisions() == tuple(reversed([rev.revision for rev in walked]))
+
+
+def test_upgrade_to_0005_keeps_every_row_and_reference_and_hands_out_no_id_of_the_old_counter(tmp_path):
+    """0005 copies `batches` without AUTOINCREMENT and merges the two state indexes: the rows, their references
+    from pod5_files and the counter (here a rebuild's floor above the highest row) all come through."""
+    import sqlite3
+
+    from ledgerbc import claim, migrate
+
+    path = tmp_path / "ledgerbc.db"
+    settings = Settings(input_dir=str(tmp_path), output_dir=str(tmp_path), batch_files=1, batch_bytes=None)
+    db.create_ledger_file(path, settings, revision="0004")
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("PRAGMA foreign_keys=ON")
+    for i in (1, 2, 3):
+        raw.execute("INSERT INTO batches (id, worker_id, state, claimed_at, heartbeat_at, n_files, n_bytes, token, "
+                    "chemistry) VALUES (?, 'w', ?, 0, 0, 1, 10, ?, 'k')", (i, "running" if i == 3 else "done", f"t{i}"))
+    raw.execute("UPDATE sqlite_sequence SET seq = 50 WHERE name = 'batches'")  # a rebuild's floor
+    for i, (state, batch) in enumerate([("done", 1), ("done", 2), ("claimed", 3), ("pending", None), ("pending", None)]):
+        raw.execute("INSERT INTO pod5_files (id, rel_path, size, mtime_ns, read_count, file_identifier, state, "
+                    "attempts, batch_id, added_at, chemistry, isolate) VALUES (?, ?, 10, 0, 1, ?, ?, 0, ?, 0, 'k', 0)",
+                    (i + 1, f"f{i}.pod5", f"fid{i}", state, batch))
+    raw.close()
+
+    before, after, _backup = migrate.upgrade_ledger(db.Ledger(path))
+    assert (before, after) == ("0004", "0005")
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 50
+    assert "AUTOINCREMENT" not in raw.execute("SELECT sql FROM sqlite_master WHERE name = 'batches'").fetchone()[0]
+    assert raw.execute("SELECT id, state, token FROM batches ORDER BY id").fetchall() == [
+        (1, "done", "t1"), (2, "done", "t2"), (3, "running", "t3")]
+    assert raw.execute("SELECT id, state, batch_id FROM pod5_files ORDER BY id").fetchall() == [
+        (1, "done", 1), (2, "done", 2), (3, "claimed", 3), (4, "pending", None), (5, "pending", None)]
+    assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+    indexes = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'pod5_files' AND type = 'index'")}
+    assert "ix_pod5_files_queue" in indexes and not indexes & {"ix_pod5_files_state_id", "ix_pod5_files_state_chemistry_id"}
+    raw.close()
+    ledger = db.Ledger(path)
+    assert ledger.transact(db.batch_ids_handed_out) == 50
+    c = claim.claim_batch(ledger, "w2", ledger.read_settings())
+    assert c.batch_id == 51 and [f.rel for f in c.files] == ["f3.pod5"]
+
+
+def test_a_new_ledger_has_8k_pages_and_its_schema_on_the_first(tmp_path):
+    """Every transaction reads page 1; with the schema on it, a fresh connection reads no other page to learn
+    the schema (db.PAGE_SIZE)."""
+    import sqlite3
+
+    path = tmp_path / "ledgerbc.db"
+    db.create_ledger_file(path, Settings(input_dir=str(tmp_path), output_dir=str(tmp_path)))
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA page_size").fetchone()[0] == 8192
+    assert raw.execute("SELECT count(*) FROM dbstat WHERE name = 'sqlite_schema'").fetchone()[0] == 1
+    raw.close()
