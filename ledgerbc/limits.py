@@ -8,7 +8,7 @@ when a study approaches it.
 # 20 GiB batches, 60 s heartbeat and 15 min lease, the GPU time that workers lose waiting for and holding the
 # ledger lock between batches passes 1% at about this many concurrent workers. Re-measure it with that script
 # on your own filesystem: a faster file server moves it up.
-LEDGER_WORKERS_LIMIT = 4_300
+LEDGER_WORKERS_LIMIT = 4_500
 WARN_SHARE = 0.8  # warn from this share of the limit on
 
 
