@@ -102,8 +102,9 @@ _PENDING_OF_KEY = Prepared.of(sa.select(*_PENDING_COLUMNS)
                               .where(P.state == PENDING, P.chemistry.is_(p("chemistry"))).order_by(P.id).limit(p("n")))
 # The new id: above every id handed out (db.BATCH_IDS_HANDED_OUT_SQL: the table's highest, a rebuild's floor).
 _NEW_BATCH = Prepared.of(sa.insert(B).values(
-    id=sa.literal_column(f"(SELECT {BATCH_IDS_HANDED_OUT_SQL}) + 1"), worker_id=p("worker_id"), state=RUNNING, claimed_at=p("now"), heartbeat_at=p("now"), n_files=p("n_files"),
-    n_bytes=p("n_bytes"), token=p("token"), chemistry=p("chemistry")))
+    id=sa.literal_column(f"(SELECT {BATCH_IDS_HANDED_OUT_SQL}) + 1"), worker_id=p("worker_id"), state=RUNNING,
+    claimed_at=p("now"), heartbeat_at=p("now"), n_files=p("n_files"), n_bytes=p("n_bytes"), token=p("token"),
+    chemistry=p("chemistry")))
 _TAKE_FILE = Prepared.of(sa.update(P).where(P.id == p("id"), P.state == PENDING)
                          .values(state=CLAIMED, batch_id=p("batch_id")))
 _BEAT = Prepared.of(sa.update(B).where(B.id == p("batch_id")).values(heartbeat_at=p("now")))
@@ -174,6 +175,9 @@ class _Recent:
     @staticmethod
     def fresh(at: float | None, now: float, within: float) -> bool:
         return at is not None and 0 <= now - at < within  # a clock that went back counts as stale
+
+    def wrote_lately(self, where: str, worker_id: str, now: float, within: float) -> bool:
+        return self.fresh(self.written.get((where, worker_id)), now, within)
 
 
 _RECENT = _Recent()
@@ -308,7 +312,7 @@ def _claim(conn, where: str, worker_id: str, settings, now: float) -> Claim | No
     moved = _TAKE_FILE.run_many(conn, [{"id": r.id, "batch_id": batch_id} for r in chosen]).rowcount
     if moved != len(chosen):  # the row count proves the claim; anything else is a protocol breach
         raise IllegalTransition(f"claim of batch {batch_id} moved {moved} of {len(chosen)} files.")
-    if not _RECENT.fresh(_RECENT.written.get((where, worker_id)), now, settings.heartbeat):
+    if not _RECENT.wrote_lately(where, worker_id, now, settings.heartbeat):
         touch_worker(conn, worker_id, now, where)
     files = [ClaimedFile(rel, fid, size, reads, samples, attempts, row_id)
              for row_id, rel, fid, size, reads, samples, attempts in _BATCH_FILES_BY_ID.run(

@@ -127,7 +127,8 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     device: Mapped[str | None] = mapped_column(String, nullable=True)
     started_at: Mapped[float] = mapped_column(Float)
-    # Written at registration, heartbeats, exit, and by a claim only when older than a heartbeat interval.
+    # Written at registration, heartbeats, exit, and by a claim only when its process has not written it within
+    # a heartbeat interval (claim._Recent).
     last_seen: Mapped[float] = mapped_column(Float)
     state: Mapped[str] = mapped_column(String)  # running | exited
     # No longer counted (a page per publication): status counts a worker's done batches. Kept for old ledgers.

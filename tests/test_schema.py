@@ -91,9 +91,11 @@ def test_upgrade_to_0005_keeps_every_row_and_reference_and_hands_out_no_id_of_th
     raw.execute("PRAGMA foreign_keys=ON")
     for i in (1, 2, 3):
         raw.execute("INSERT INTO batches (id, worker_id, state, claimed_at, heartbeat_at, n_files, n_bytes, token, "
-                    "chemistry) VALUES (?, 'w', ?, 0, 0, 1, 10, ?, 'k')", (i, "running" if i == 3 else "done", f"t{i}"))
+                    "chemistry) VALUES (?, 'w', ?, 0, 0, 1, 10, ?, 'k')",
+                    (i, "running" if i == 3 else "done", f"t{i}"))
     raw.execute("UPDATE sqlite_sequence SET seq = 50 WHERE name = 'batches'")  # a rebuild's floor
-    for i, (state, batch) in enumerate([("done", 1), ("done", 2), ("claimed", 3), ("pending", None), ("pending", None)]):
+    rows = [("done", 1), ("done", 2), ("claimed", 3), ("pending", None), ("pending", None)]
+    for i, (state, batch) in enumerate(rows):
         raw.execute("INSERT INTO pod5_files (id, rel_path, size, mtime_ns, read_count, file_identifier, state, "
                     "attempts, batch_id, added_at, chemistry, isolate) VALUES (?, ?, 10, 0, 1, ?, ?, 0, ?, 0, 'k', 0)",
                     (i + 1, f"f{i}.pod5", f"fid{i}", state, batch))
@@ -109,8 +111,10 @@ def test_upgrade_to_0005_keeps_every_row_and_reference_and_hands_out_no_id_of_th
     assert raw.execute("SELECT id, state, batch_id FROM pod5_files ORDER BY id").fetchall() == [
         (1, "done", 1), (2, "done", 2), (3, "claimed", 3), (4, "pending", None), (5, "pending", None)]
     assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
-    indexes = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'pod5_files' AND type = 'index'")}
-    assert "ix_pod5_files_queue" in indexes and not indexes & {"ix_pod5_files_state_id", "ix_pod5_files_state_chemistry_id"}
+    indexes = {r[0] for r in raw.execute(
+        "SELECT name FROM sqlite_master WHERE tbl_name = 'pod5_files' AND type = 'index'")}
+    assert "ix_pod5_files_queue" in indexes
+    assert not indexes & {"ix_pod5_files_state_id", "ix_pod5_files_state_chemistry_id"}
     raw.close()
     ledger = db.Ledger(path)
     assert ledger.transact(db.batch_ids_handed_out) == 50

@@ -1,8 +1,8 @@
 """Fewer pages per claim: one queue index on pod5_files, batch ids without AUTOINCREMENT.
 
 Every page a transaction changes is journalled (three writes) and written back (one), and read first: five
-round trips on a network filesystem (docs/benchmarks.md, "Fewer pages per claim"). A publish + claim used to
-change seven; after this, five.
+round trips on a network filesystem (docs/benchmarks.md, "One queue index, no id counter, 8 KiB pages"). A
+publish + claim used to change seven; after this, five.
 
 - pod5_files: `ix_pod5_files_state_id` (state, id) and `ix_pod5_files_state_chemistry_id` (state, chemistry,
   id) become one index, `ix_pod5_files_queue` (state, id, chemistry): every state change wrote both. The
