@@ -11,7 +11,9 @@ load average before and after (the machine may be shared).
 Every transaction is the real one (`Ledger.transact`: file lock, fresh connection, rollback journal,
 synchronous=FULL, BEGIN IMMEDIATE). The ledger is filled through the scan's write path (no pod5 files).
 It holds more pending files than LOOKAHEAD (2048) for the whole run, so 40-file batches are not shrunk
-by the end-of-run rule: what is measured is the steady state.
+by the end-of-run rule: what is measured is the steady state. A batch size with a `G` (`--batches 1G`) is a
+byte target in GiB, ledgerbc's default mode (20 GiB by default): the files are 50 MB each, so `1G` hands out
+21 files a batch, and each claim reads the LOOKAHEAD oldest pending rows to size its batch, as a real one does.
 
 Every figure is printed next to the physical ceiling measured in the same run (`bench/ceiling.py`: the
 smallest write transaction our rules allow, one UPDATE, same lock, same frame, same number of processes,
@@ -24,7 +26,7 @@ Where: a fresh folder under /tmp (local disk) and, when LEDGERBC_TEST_GLUSTER_A 
 LEDGERBC_TEST_GLUSTER_B are set (or listed in /run/ledgerbc-ci/env: two mounts of one GlusterFS volume,
 ci/cluster-up.sh), on that volume with half the processes reaching the ledger through each mount.
 
-    .venv/bin/python bench/claim.py [--seconds 5] [--procs 8,32] [--batches 1,40] [--where local,gluster]
+    .venv/bin/python bench/claim.py [--seconds 5] [--procs 8,32] [--batches 1,40,1G] [--where local,gluster]
                                     [--json out.json] [--also-separate]
 """
 from __future__ import annotations
@@ -49,6 +51,15 @@ from ledgerbc import __version__, claim, db  # noqa: E402
 from ledgerbc.claim import FileResult  # noqa: E402
 
 LOOKAHEAD_MARGIN = 2048 + 100  # pending files that always remain, so batches stay full (claim.LOOKAHEAD)
+FILE_BYTES = 50_000_000  # every bench file's size
+
+
+def batch_target(spec: str) -> tuple[int | None, int | None, int]:
+    """`--batches` entry -> (batch_files, batch_bytes, files per batch): "40" is 40 files, "1G" a 1 GiB target."""
+    if spec.upper().endswith("G"):
+        target = int(float(spec[:-1]) * 1024**3)
+        return None, target, max(1, target // FILE_BYTES)
+    return int(spec), None, int(spec)
 
 
 class HoldTimedLedger(db.Ledger):
@@ -104,12 +115,14 @@ def worker(index: int, barrier, ledger_path: str, worker_id: str, seconds: float
             "hold_ms": [1000 * h for h in ledger.holds]}
 
 
-def run_config(where: str, mounts, procs: int, batch: int, n_files: int, seconds: float, separate: bool = False) -> dict:
+def run_config(where: str, mounts, procs: int, batch: str, n_files: int, seconds: float, separate: bool = False) -> dict:
     """One configuration on a new ledger (through each mount in turn when there are two)."""
     with bench_folders(mounts, "ledgerbc-claim") as folders:
         ledger_path = folders[0] / "ledgerbc.db"
-        new_ledger(ledger_path, folders[0] / "input", folders[0] / "output", batch_files=batch, batch_bytes=None)
-        add_files(db.Ledger(ledger_path), [50_000_000] * n_files)
+        batch_files, batch_bytes, _per_batch = batch_target(batch)
+        new_ledger(ledger_path, folders[0] / "input", folders[0] / "output", batch_files=batch_files,
+                   batch_bytes=batch_bytes)
+        add_files(db.Ledger(ledger_path), [FILE_BYTES] * n_files)
         paths = [folders[i % len(folders)] / "ledgerbc.db" for i in range(procs)]
         deadline = time.monotonic() + 30
         while not all(p.exists() for p in paths):
@@ -187,7 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="measured time per configuration")
     ap.add_argument("--ceiling-seconds", type=float, default=3.0, help="measured time per ceiling run")
     ap.add_argument("--procs", default="8,32", help="comma-separated process counts")
-    ap.add_argument("--batches", default="1,40", help="comma-separated batch sizes (files)")
+    ap.add_argument("--batches", default="1,40", help="comma-separated batch sizes: files, or GiB with a G (1G)")
     ap.add_argument("--where", default="local,gluster", help="local and/or gluster (gluster needs the env vars)")
     ap.add_argument("--ceiling-frame", default="split", choices=("split", "inside"),
                     help="the ceiling's frame (bench/ceiling.py); split is what db.Ledger.transact does")
@@ -205,10 +218,11 @@ def main(argv=None) -> int:
             ceilings.append(before)
             print(f"  {where} procs={procs}: ceiling {before['tx_per_s']} tx/s (p99 {before['p99_ms']} ms)", flush=True)
             group = []
-            for batch in map(int, args.batches.split(",")):
+            for batch in args.batches.split(","):
                 for separate in ([False, True] if args.also_separate else [False]):
-                    rate = 1000 if batch == 1 else 300  # generous upper guesses of assignments/s
-                    n = ledger_files(batch, procs, args.seconds, rate)
+                    per_batch = batch_target(batch)[2]
+                    rate = 1000 if per_batch == 1 else 300  # generous upper guesses of assignments/s
+                    n = ledger_files(per_batch, procs, args.seconds, rate)
                     row = run_config(where, mounts, procs, batch, n, args.seconds, separate)
                     group.append(row)
                     print(f"  {row['where']} procs={procs} batch={batch}: {row['assignments_per_s']} assignments/s, "

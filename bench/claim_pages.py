@@ -83,16 +83,21 @@ def main(argv=None) -> int:
     ap.add_argument("--transactions", type=int, default=300)
     ap.add_argument("--batch", type=int, default=1, help="files per batch")
     ap.add_argument("--files", type=int, default=3000, help="files in the ledger")
+    ap.add_argument("--batch-bytes", type=int, default=None,
+                    help="a byte target per batch instead of --batch files (the default mode: each claim reads "
+                         "up to claim.LOOKAHEAD pending rows); the files are 50 MB each")
     ap.add_argument("--variant", default="", help="SQL statements (;-separated) run on the bench ledger first")
     args = ap.parse_args(argv)
-    if args.files < args.batch * (args.transactions + 1):
+    per_batch = args.batch if args.batch_bytes is None else max(1, args.batch_bytes // 50_000_000)
+    if args.files < per_batch * (args.transactions + 1) + (0 if args.batch_bytes is None else claim.LOOKAHEAD):
         raise SystemExit("--files must exceed --batch x (--transactions + 1): the queue must not run dry")
 
     folder = args.where / f"ledgerbc-claim-pages-{os.getpid()}"
     folder.mkdir()
     try:
         path = folder / "ledgerbc.db"
-        new_ledger(path, folder / "input", folder / "output", batch_files=args.batch, batch_bytes=None)
+        new_ledger(path, folder / "input", folder / "output", batch_files=None if args.batch_bytes else args.batch,
+                   batch_bytes=args.batch_bytes)
         add_files(db.Ledger(path), [50_000_000] * args.files)
         if args.variant:
             with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -117,7 +122,8 @@ def main(argv=None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
     own = sum(s[1] for s in stats.values())  # the wrapper's own /proc/self/io reads: two per statement
-    print(f"{args.where}: {n} publish + claim transactions of {args.batch}-file batches, {args.files} files"
+    size = f"{args.batch}-file" if args.batch_bytes is None else f"{args.batch_bytes:,}-byte"
+    print(f"{args.where}: {n} publish + claim transactions of {size} batches, {args.files} files"
           + (f", variant {args.variant!r}" if args.variant else ""))
     print(f"per transaction: {wall / n * 1000:.2f} ms, lock hold median {statistics.median(ledger.holds) * 1000:.2f} ms, "
           f"read calls {(r1 - r0 - 2 * own) / n:.1f}, write calls {(w1 - w0) / n:.1f}")

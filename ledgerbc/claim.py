@@ -2,10 +2,11 @@
 
 Each function is one short transaction under the global lock. The fencing token of a batch is its id
 plus a random nonce (`Batch.token`): every change to a batch or its files first checks, in the same
-transaction, that the batch is still running and owned by the caller with that token (`_owned`), and
-refuses with `NotOwner` otherwise. A zombie worker whose batch was reclaimed — or whose batch id was
-handed out again after a rebuild that saw no trace of its claim — can neither heartbeat, nor publish,
-nor fail files that moved on.
+transaction, that the batch is still running and owned by the caller with that token, and refuses with
+`NotOwner` otherwise: a read of the batch row (`_owned`), or the change of that row itself made conditional
+on it (`_fenced`: one statement instead of two under the lock). A zombie worker whose batch was reclaimed —
+or whose batch id was handed out again after a rebuild that saw no trace of its claim — can neither
+heartbeat, nor publish, nor fail files that moved on.
 
 Files are named by their identity, relative path plus pod5 `file_identifier`, never by row id: a rebuild
 renumbers rows under a live worker, which must still publish exactly its own files.
@@ -96,7 +97,8 @@ _TOUCH = Prepared.of(sa.update(W).where(W.worker_id == p("worker_id"))
                      .values(last_seen=p("now"), state=models.WORKER_RUNNING))
 _LIVE = Prepared.of(sa.select(sa.func.count()).select_from(W)
                     .where(W.state == models.WORKER_RUNNING, W.last_seen >= p("since")))
-_PENDING_COLUMNS = (P.id, P.size, P.attempts, P.isolate, P.chemistry)
+# Only columns of the queue index (models.Pod5File): the read of up to LOOKAHEAD rows is the index alone.
+_PENDING_COLUMNS = (P.id, P.size, P.isolate, P.chemistry)
 _PENDING = Prepared.of(sa.select(*_PENDING_COLUMNS).where(P.state == PENDING).order_by(P.id).limit(p("n")))
 _PENDING_OF_KEY = Prepared.of(sa.select(*_PENDING_COLUMNS)
                               .where(P.state == PENDING, P.chemistry.is_(p("chemistry"))).order_by(P.id).limit(p("n")))
@@ -107,7 +109,9 @@ _NEW_BATCH = Prepared.of(sa.insert(B).values(
     chemistry=p("chemistry")))
 _TAKE_FILE = Prepared.of(sa.update(P).where(P.id == p("id"), P.state == PENDING)
                          .values(state=CLAIMED, batch_id=p("batch_id")))
-_BEAT = Prepared.of(sa.update(B).where(B.id == p("batch_id")).values(heartbeat_at=p("now")))
+# The fence as a condition of the batch row's own update (`_fenced`): running, this worker's, this nonce.
+_FENCE = (B.id == p("batch_id"), B.state == RUNNING, B.worker_id == p("worker_id"), B.token.is_(p("token")))
+_BEAT = Prepared.of(sa.update(B).where(*_FENCE).values(heartbeat_at=p("now")))
 _BATCH_FILES_COLUMNS = (P.id, P.rel_path, P.file_identifier, P.size, P.read_count, P.samples, P.attempts)
 _BATCH_FILES = Prepared.of(sa.select(*_BATCH_FILES_COLUMNS).where(P.batch_id == p("batch_id"), P.state == CLAIMED))
 # The same for files named by row id (a claim) or by path (a publication). There is no index on batch_id, so
@@ -129,7 +133,7 @@ _FILE_DONE = Prepared.of(sa.update(P).where(P.id == p("id"), P.batch_id == p("ba
 _OUTPUT = Prepared.of(sa.insert(Output).values(
     file_id=p("file_id"), batch_id=p("batch_id"), kind=p("kind"), barcode=p("barcode"), path=p("path"),
     reads=p("reads"), bases=p("bases"), bytes=p("bytes"), checksum=p("checksum")))
-_FINISH = Prepared.of(sa.update(B).where(B.id == p("batch_id"), B.state == RUNNING)
+_FINISH = Prepared.of(sa.update(B).where(*_FENCE)
                       .values(state=p("state"), finished_at=p("now"), error=p("error")))
 _PROVENANCE = Prepared.of(sa.update(B).where(B.id == p("batch_id"))
                           .values(model=p("model"), dorado_version=p("dorado_version"), gpus=p("gpus")))
@@ -151,6 +155,14 @@ def _owned(conn, c: Claim):
             f"{row[1]}, owner {row[0]}" + ("" if row[2] == c.token else ", another fencing token"))
         raise NotOwner(f"batch {c.batch_id} is no longer owned by {c.worker_id} ({state}): this worker was fenced.")
     return row
+
+
+def _fenced(conn, update: Prepared, c: Claim, **values) -> None:
+    """Run an UPDATE of the claim's batch row under the fence (`_FENCE`): the check and the change in one
+    statement. NotOwner, saying why (`_owned`), when it changed no row."""
+    if update.run(conn, batch_id=c.batch_id, worker_id=c.worker_id, token=c.token, **values).rowcount != 1:
+        _owned(conn, c)  # raises NotOwner: the row is gone, ended, another worker's or another nonce's
+        raise IllegalTransition(f"batch {c.batch_id}: its row is owned by {c.worker_id} but was not updated.")
 
 
 # -- workers -----------------------------------------------------------------------------------------
@@ -233,8 +245,8 @@ def _live_workers_lately(conn, where: str, worker_id: str, now: float, settings)
 
 
 def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: bool):
-    """Pick the files of the next batch from `pending` (oldest first; rows with id, size, attempts,
-    isolate, chemistry). Every file of a batch has the same chemistry key (DESIGN §4: dorado refuses or
+    """Pick the files of the next batch from `pending` (oldest first; rows with id, size, isolate,
+    chemistry). Every file of a batch has the same chemistry key (DESIGN §4: dorado refuses or
     miscalls mixed chemistries): the key of the oldest pending file, or in the tail of the run that of the
     largest one.
 
@@ -328,8 +340,7 @@ def heartbeat(ledger, c: Claim) -> None:
 
     def txn(conn):
         now = _now(ledger)
-        _owned(conn, c)
-        _BEAT.run(conn, now=now, batch_id=c.batch_id)
+        _fenced(conn, _BEAT, c, now=now)
         touch_worker(conn, c.worker_id, now, str(ledger.path))
 
     ledger.transact(txn)
@@ -413,8 +424,10 @@ def _claimed_files(conn, c: Claim, rels: list[str]) -> dict[str, tuple]:
     return _batch_files(conn, c.batch_id, rels)
 
 
-def _finish_batch(conn, batch_id, state, now, error=None):
-    _FINISH.run(conn, state=state, now=now, error=error, batch_id=batch_id)
+def _finish_batch(conn, c: Claim, state, now, error=None):
+    """End the claim's batch, fenced: first in every ending transaction, before its files are touched (and
+    rolled back with them if anything after it fails)."""
+    _fenced(conn, _FINISH, c, state=state, now=now, error=error)
 
 
 def check_identities(held: dict[str, tuple], c: Claim, rels) -> None:
@@ -435,9 +448,10 @@ def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts
             claim_next=None, provenance: dict | None = None) -> Claim | None:
     """Publish a finished batch, in one transaction under the lock (DESIGN §4 Publish):
 
-    1. check the batch is still ours and every one of its files is still claimed by it as the same pod5;
+    1. check the batch is still ours (marking it done, fenced: `_finish_batch`) and every one of its files is
+       still claimed by it as the same pod5;
     2. only then `installer.run()`: the renames into pass/, fail/, summary/ (it checks the lock is still
-       trustworthy before each); 3. record every file's outcome and its outputs, mark done.
+       trustworthy before each); 3. record every file's outcome and its outputs.
     If anything fails after the renames began — a refused update, a failed COMMIT, a lock that may have
     been lost — `installer.undo()` runs under the same lock and moves the outputs back: a transaction that
     fails leaves no new output in place. `installer` may be None (nothing to rename).
@@ -451,7 +465,7 @@ def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts
 
     def txn(conn):
         now = _now(ledger)
-        _owned(conn, c)
+        _finish_batch(conn, c, models.BATCH_DONE, now)
         held = _claimed_files(conn, c, [r.rel for r in results])
         check_identities(held, c, [r.rel for r in results])
         if installer is not None:
@@ -472,7 +486,6 @@ def publish(ledger, c: Claim, results: list[FileResult], installer, max_attempts
             if not r.ok:
                 return_files(conn, c.batch_id, [held[r.rel][0]], r.error, True, max_attempts, isolate=r.isolate)
                 event(conn, now, "file-failed", c.worker_id, c.batch_id, held[r.rel][0], r.error)
-        _finish_batch(conn, c.batch_id, models.BATCH_DONE, now)
         if provenance:
             _PROVENANCE.run(conn, batch_id=c.batch_id, **{k: provenance.get(k) for k in ("model", "dorado_version", "gpus")})
         # No `batch-done` event and no count on the worker row: the batch row says done, by whom and when
@@ -490,7 +503,7 @@ def fail_batch(ledger, c: Claim, error: str, max_attempts: int, now_failed: bool
 
     def txn(conn):
         now = _now(ledger)
-        _owned(conn, c)
+        _finish_batch(conn, c, models.BATCH_FAILED, now, error)
         ids = [row_id for row_id, _fid in _batch_files(conn, c.batch_id).values()]
         if now_failed:
             fail_files_now(conn, c.batch_id, ids, error)
@@ -503,7 +516,6 @@ def fail_batch(ledger, c: Claim, error: str, max_attempts: int, now_failed: bool
                       message=f"{same} more pending files of chemistry {c.chemistry} failed with batch {c.batch_id}")
         else:
             return_files(conn, c.batch_id, ids, error, True, max_attempts, isolate=True)
-        _finish_batch(conn, c.batch_id, models.BATCH_FAILED, now, error)
         event(conn, now, "batch-failed", c.worker_id, c.batch_id, message=error)
 
     ledger.transact(txn)
@@ -515,10 +527,9 @@ def release_batch(ledger, c: Claim, reason: str) -> None:
 
     def txn(conn):
         now = _now(ledger)
-        _owned(conn, c)
+        _finish_batch(conn, c, models.RELEASED, now, reason)
         ids = [row_id for row_id, _fid in _batch_files(conn, c.batch_id).values()]
         return_files(conn, c.batch_id, ids, None, False, 0)
-        _finish_batch(conn, c.batch_id, models.RELEASED, now, reason)
         event(conn, now, "batch-released", c.worker_id, c.batch_id, message=reason)
 
     ledger.transact(txn)

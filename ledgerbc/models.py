@@ -60,9 +60,10 @@ class Setting(Base):
 class Pod5File(Base):
     __tablename__ = "pod5_files"
     __table_args__ = (
-        # The queue, oldest first, with each file's chemistry (migration 0005): one index that every state change
-        # writes, read by the claim for the oldest pending files and for a chemistry's own.
-        Index("ix_pod5_files_queue", "state", "id", "chemistry"),
+        # The queue, oldest first (migration 0005): one index that every state change writes, read by the claim
+        # for the oldest pending files and for a chemistry's own. It holds all the claim reads of them (size and
+        # isolate too, migration 0006), so that read never looks up the table (claim._PENDING_COLUMNS).
+        Index("ix_pod5_files_queue", "state", "id", "chemistry", "size", "isolate"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -243,12 +243,22 @@ def test_every_hot_path_statement_runs_on_a_real_ledger(make_ledger):
     assert ledger.transact(explain) >= 10
 
 
-def test_the_claim_reads_lean_rows_named_after_the_models(make_ledger):
+def test_the_claim_reads_lean_rows_named_after_the_models_from_the_queue_index_alone(make_ledger):
+    """The claim's read of up to LOOKAHEAD pending rows never looks up the table (migration 0006): SQLite's
+    own plan for both reads names the queue index as covering, on a ledger made as `init` makes one."""
     ledger, _settings = make_ledger(3)
     rows = ledger.transact(lambda conn: claim._PENDING.rows(conn, n=10))
     assert [r.id for r in rows] == [1, 2, 3]
-    assert set(rows[0]._fields) == {"id", "size", "attempts", "isolate", "chemistry"}
+    assert set(rows[0]._fields) == {"id", "size", "isolate", "chemistry"}
     assert all(c in Pod5File.__table__.columns for c in rows[0]._fields)
+
+    def plans(conn):
+        return [" ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + stmt.sql, args).fetchall())
+                for stmt, args in ((claim._PENDING, claim._PENDING.args(dict(n=10))),
+                                   (claim._PENDING_OF_KEY, claim._PENDING_OF_KEY.args(dict(chemistry="k", n=10))))]
+
+    for plan in ledger.transact(plans):
+        assert "USING COVERING INDEX ix_pod5_files_queue" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_tail_batches_shrink_over_all_chemistries_not_per_chemistry():

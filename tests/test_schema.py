@@ -77,9 +77,11 @@ def test_the_revisions_read_without_alembic_are_alembics_own():
     assert schema.known_revisions() == tuple(reversed([rev.revision for rev in walked]))
 
 
-def test_upgrade_to_0005_keeps_every_row_and_reference_and_hands_out_no_id_of_the_old_counter(tmp_path):
+def test_upgrade_from_0004_keeps_every_row_and_reference_hands_out_no_id_of_the_old_counter_and_covers_the_queue(
+        tmp_path):
     """0005 copies `batches` without AUTOINCREMENT and merges the two state indexes: the rows, their references
-    from pod5_files and the counter (here a rebuild's floor above the highest row) all come through."""
+    from pod5_files and the counter (here a rebuild's floor above the highest row) all come through. 0006 puts
+    what the claim reads of the queue into its index."""
     import sqlite3
 
     from ledgerbc import claim, migrate
@@ -102,7 +104,7 @@ def test_upgrade_to_0005_keeps_every_row_and_reference_and_hands_out_no_id_of_th
     raw.close()
 
     before, after, _backup = migrate.upgrade_ledger(db.Ledger(path))
-    assert (before, after) == ("0004", "0005")
+    assert (before, after) == ("0004", schema.head_revision())
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA user_version").fetchone()[0] == 50
     assert "AUTOINCREMENT" not in raw.execute("SELECT sql FROM sqlite_master WHERE name = 'batches'").fetchone()[0]
@@ -115,6 +117,11 @@ def test_upgrade_to_0005_keeps_every_row_and_reference_and_hands_out_no_id_of_th
         "SELECT name FROM sqlite_master WHERE tbl_name = 'pod5_files' AND type = 'index'")}
     assert "ix_pod5_files_queue" in indexes
     assert not indexes & {"ix_pod5_files_state_id", "ix_pod5_files_state_chemistry_id"}
+    # 0006: the queue index holds what the claim reads of the queue (size and isolate), in the queue's order
+    assert [r[2] for r in raw.execute("PRAGMA index_info('ix_pod5_files_queue')")] == [
+        "state", "id", "chemistry", "size", "isolate"]
+    assert raw.execute("SELECT id, size, isolate FROM pod5_files INDEXED BY ix_pod5_files_queue "
+                       "WHERE state = 'pending' ORDER BY id").fetchall() == [(4, 10, 0), (5, 10, 0)]
     raw.close()
     ledger = db.Ledger(path)
     assert ledger.transact(db.batch_ids_handed_out) == 50
