@@ -333,6 +333,45 @@ def _backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
 
+# What the ledger's statements need of the SQLite library this Python links, each with a statement that uses
+# it: the scan's INSERT ... ON CONFLICT (3.24), the claim's and publication's `json_each` (JSON1, built in
+# from 3.38, a build option before) and the batch id floor's `pragma_user_version` (3.16). A cluster's
+# Python may link an older system library (RHEL 8: 3.26): without this check, the first claim of every
+# worker would fail with an internal error instead of one line saying what to load.
+SQLITE_NEEDS = (
+    ("INSERT ... ON CONFLICT (SQLite 3.24 or newer)",
+     "CREATE TEMP TABLE t (k PRIMARY KEY); INSERT INTO t VALUES (1) ON CONFLICT (k) DO NOTHING"),
+    ("json_each (the JSON1 extension)", "SELECT value FROM json_each('[1]')"),
+    ("pragma functions (SQLite 3.16 or newer)", "SELECT user_version FROM pragma_user_version"),
+)
+_sqlite_fit: bool = False
+
+
+def check_sqlite() -> None:
+    """SqliteUnfit, naming what is missing, unless this process's SQLite library runs every SQLITE_NEEDS
+    statement (on a private in-memory database, once per process)."""
+    global _sqlite_fit
+    if _sqlite_fit:
+        return
+    missing = []
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for feature, sql in SQLITE_NEEDS:
+            try:
+                conn.executescript(sql)
+            except sqlite3.Error:
+                missing.append(feature)
+    finally:
+        conn.close()
+    if missing:
+        raise errors.SqliteUnfit(
+            f"this Python's SQLite library ({sqlite3.sqlite_version}) lacks {' and '.join(missing)}, which the "
+            f"ledger needs. Run ledgerbc with a Python linked against a newer SQLite (e.g. a newer Python module "
+            f"or a conda Python); `ledgerbc doctor` checks it."
+        )
+    _sqlite_fit = True
+
+
 class Ledger:
     """A handle on one ledger file. Cheap to create; holds no connection between transactions."""
 
@@ -358,8 +397,10 @@ class Ledger:
 
     def check_file(self) -> None:
         """Refuse a path that is not an SQLite file (missing, a folder, README.md) before the first lock:
-        the lock and turnstile files are created beside the ledger only once it is one (ledgerfile.py)."""
+        the lock and turnstile files are created beside the ledger only once it is one (ledgerfile.py).
+        And an SQLite library that cannot run the ledger's statements (`check_sqlite`)."""
         if not self._file_checked:
+            check_sqlite()
             ledgerfile.check(self.path)
             self._file_checked = True
 
@@ -662,6 +703,7 @@ def create_ledger_file(path: Path, settings, revision: str | None = None) -> Non
     newest) and settings."""
     from . import schema
 
+    check_sqlite()
     revision = revision or schema.head_revision()
     engine = make_engine(path, create=True, foreign_keys=False)
     try:

@@ -1,7 +1,8 @@
 """`ledgerbc doctor`: is this ledger's storage, lock, clock and content fit for many workers (DESIGN §6)?
 
 Every check yields one `Check` line: `ok|warn|FAIL  <check>: <detail>`. A FAIL carries the exit code of
-the matching error (7 unsafe filesystem or lock, 4 no ledger, 5 damaged, 6 schema, 3 dorado/model).
+the matching error (7 unsafe filesystem or lock, 4 no ledger, 5 damaged, 6 schema, 3 dorado/model, 15 an SQLite
+library without what the ledger's statements use).
 
 The mount checks live in `mounts.py` (also used by `run` and `submit`, which refuse an unsafe mount).
 """
@@ -260,19 +261,36 @@ def model_check(model: str, models_directory: str | None) -> Check:
     return Check(OK, name, f"{model} found in {folder}")
 
 
+def sqlite_check() -> Check:
+    """Can this Python's SQLite library run the ledger's statements (db.SQLITE_NEEDS)?"""
+    import sqlite3
+
+    from . import db
+
+    try:
+        db.check_sqlite()
+    except errors.SqliteUnfit as exc:
+        return Check(FAIL, "sqlite", str(exc), exc.exit_code)
+    return Check(OK, "sqlite", f"SQLite {sqlite3.sqlite_version}: " + ", ".join(f for f, _sql in db.SQLITE_NEEDS))
+
+
 # -- all of it ------------------------------------------------------------------------------------------------
 def run_checks(ledger, mountinfo: str | None = None) -> list[Check]:
-    """Every check, in order: mount, lock, clock, ledger content, dorado, model."""
+    """Every check, in order: SQLite library, mount, lock, clock, ledger content, dorado, model."""
     folder = ledger.path.parent
     if not folder.is_dir():
         return [Check(FAIL, "ledger", f"the folder {folder} of the ledger does not exist. Give the right --ledger.",
                       errors.LedgerNotFound.exit_code)]
+    library = sqlite_check()
+    if library.status == FAIL:  # nothing below can read the ledger; the folder's mount and lock are still told
+        with _scratch_ledger(folder) as scratch:
+            return [library, mount_check(folder, mountinfo), lock_check(scratch)]
     try:
         ledger.check_file()  # before any lock: nothing may be created beside something that is not a ledger
         problem = None
     except errors.LedgerError as exc:
         problem = Check(FAIL, "ledger", str(exc), exc.exit_code)
-    checks = [mount_check(folder, mountinfo)]
+    checks = [library, mount_check(folder, mountinfo)]
     if problem is None:
         checks.append(lock_check(ledger))
     else:  # the folder's locks are still worth knowing (where a ledger would go), on a name removed after

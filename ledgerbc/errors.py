@@ -45,6 +45,12 @@ class UnsafeFilesystem(LedgerError):
     exit_code = 7
 
 
+class SqliteUnfit(LedgerError):
+    """This Python's SQLite library lacks something the ledger's statements use (db.SQLITE_NEEDS)."""
+
+    exit_code = 15
+
+
 class AlreadyInitialized(LedgerError):
     exit_code = 8
 

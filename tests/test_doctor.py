@@ -143,7 +143,7 @@ def test_doctor_passes_on_local_disk(make_ledger, dorado_on_path):
     result, lines = doctor_cli(ledger.path)
     assert result.exit_code == 0, result.output
     names = [line.split(":", 1)[0].split()[1] for line in lines]
-    assert names == ["mount", "lock", "clock", "integrity", "schema", "counts", "workers", "dorado", "model"]
+    assert names == ["sqlite", "mount", "lock", "clock", "integrity", "schema", "counts", "workers", "dorado", "model"]
     assert all(line.startswith("ok    ") for line in lines), result.output
     assert "1.1.1+simulated" in lines[names.index("dorado")]
 
@@ -173,7 +173,7 @@ def test_model_in_models_directory(tmp_path, model, found):
 def test_doctor_missing_and_corrupt_ledger(tmp_path, dorado_on_path):
     result, lines = doctor_cli(tmp_path / "none.db")
     assert result.exit_code == errors.LedgerNotFound.exit_code
-    assert [line[:4] for line in lines] == ["ok  ", "ok  ", "ok  ", "FAIL"]
+    assert [line[:4] for line in lines] == ["ok  ", "ok  ", "ok  ", "ok  ", "FAIL"]  # sqlite, mount, lock, clock
     junk = tmp_path / "junk.db"
     junk.write_bytes(os.urandom(8192))
     result, lines = doctor_cli(junk)
@@ -275,3 +275,54 @@ def test_doctor_warns_when_live_workers_approach_what_one_ledger_carries(make_le
     assert result.exit_code == 0, result.output  # a warning
     warn = [line for line in lines if line.startswith("warn  workers:")]
     assert len(warn) == 1 and warn[0].startswith("warn  workers: 8 live workers: one ledger loses about 1%")
+
+
+# -- the SQLite library -------------------------------------------------------------------------------------
+def test_every_sqlite_feature_of_the_hot_path_is_probed_and_this_library_has_them():
+    """A table-valued function the claim, the publication or the batch id floor use is in a db.SQLITE_NEEDS
+    probe, so a library without it is told at the start, not at the first claim."""
+    import re
+
+    from ledgerbc import claim, db
+
+    probes = " ".join(sql for _feature, sql in db.SQLITE_NEEDS)
+    used = set()
+    for sql in [stmt.sql for stmt in claim.HOT_PATH] + [db.BATCH_IDS_HANDED_OUT_SQL]:
+        used |= set(re.findall(r"\b(json_\w+|pragma_\w+)\b", sql))
+    assert used >= {"json_each", "pragma_user_version"}
+    assert all(name in probes for name in used), used
+    assert "ON CONFLICT" in probes  # the scan's insert (scan._INSERT)
+    db.check_sqlite()  # this machine's library (the tests above ran the statements themselves)
+
+
+def test_an_sqlite_library_without_a_needed_feature_is_refused_in_one_line_before_the_ledger_is_touched(
+        make_ledger, dorado_on_path, monkeypatch):
+    """Simulated: a probe this library fails, as json_each fails where JSON1 was not built in. `status` and a
+    transaction refuse with exit 15 and one line naming the feature; doctor says it first; the ledger is as
+    it was (no lock or turnstile file beside a new one)."""
+    import sqlite3
+
+    from ledgerbc import db
+
+    ledger, settings = make_ledger(n_files=2)
+    monkeypatch.setattr(db, "SQLITE_NEEDS", db.SQLITE_NEEDS + (("frobnicate (an extension)", "SELECT frobnicate(1)"),))
+    monkeypatch.setattr(db, "_sqlite_fit", False)
+    result = CliRunner().invoke(cli, ["status", "--ledger", str(ledger.path)])
+    assert result.exit_code == 15, result.output
+    assert result.stderr.startswith("Error: this Python's SQLite library") and result.stderr.count("\n") == 1
+    assert "lacks frobnicate (an extension)" in result.stderr and "Traceback" not in result.output
+    with pytest.raises(errors.SqliteUnfit):
+        db.Ledger(ledger.path).transact(lambda conn: None)
+    fresh = ledger.path.parent / "new" / "ledgerbc.db"
+    fresh.parent.mkdir()
+    with pytest.raises(errors.SqliteUnfit):
+        db.create_ledger_file(fresh, settings)
+    assert list(fresh.parent.iterdir()) == []
+
+    result, lines = doctor_cli(ledger.path)
+    assert result.exit_code == 15, result.output
+    assert lines[0].startswith("FAIL  sqlite: ") and "frobnicate" in lines[0]
+    assert [line.split(":", 1)[0].split()[1] for line in lines] == ["sqlite", "mount", "lock"]
+    raw = sqlite3.connect(ledger.path)
+    assert raw.execute("SELECT state, count(*) FROM pod5_files GROUP BY state").fetchall() == [("pending", 2)]
+    raw.close()

@@ -30,9 +30,9 @@ def test_doctor_passes_on_the_gluster_mounts(gluster_root, bin_dir, tmp_path):
         lines = proc.stdout.splitlines()
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert [line.split(":", 1)[0] for line in lines] == [
-            "ok    mount", "ok    lock", "ok    clock", "ok    integrity", "ok    schema", "ok    counts",
+            "ok    sqlite", "ok    mount", "ok    lock", "ok    clock", "ok    integrity", "ok    schema", "ok    counts",
             "ok    workers", "ok    dorado", "ok    model"], proc.stdout
-        assert "fuse.glusterfs" in lines[0] and str(root) in lines[0]
+        assert "fuse.glusterfs" in lines[1] and str(root) in lines[1]
     # the ledger's OUTPUT_DIR (its own folder) is found through whichever mount the reader uses
     assert Ledger(root_b / "output" / "ledgerbc.db").read_settings().output_dir == str(root_b / "output")
 
