@@ -28,6 +28,9 @@ from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Batch, Event, Outpu
 from .prepared import Prepared, p
 
 LOOKAHEAD = 2048  # pending rows read per claim: enough to size the batch, cheap on a 1M-file ledger
+# Rows a claim reads first: a whole batch in most studies (20 GiB of pod5 files of 0.3 GB and more). Only a
+# batch that needs more, or the tail of the run, reads LOOKAHEAD rows (`_claim`).
+FIRST_ROWS = 64
 TAIL_LARGEST_FIRST = True  # byte-target batches: largest files first once the target shrinks (choose_batch)
 
 
@@ -102,6 +105,9 @@ _PENDING_COLUMNS = (P.id, P.size, P.isolate, P.chemistry)
 _PENDING = Prepared.of(sa.select(*_PENDING_COLUMNS).where(P.state == PENDING).order_by(P.id).limit(p("n")))
 _PENDING_OF_KEY = Prepared.of(sa.select(*_PENDING_COLUMNS)
                               .where(P.state == PENDING, P.chemistry.is_(p("chemistry"))).order_by(P.id).limit(p("n")))
+# How many files are pending, counted up to n inside SQLite (no row reaches Python).
+_QUEUED = Prepared.of(sa.select(sa.func.count()).select_from(
+    sa.select(P.id).where(P.state == PENDING).limit(p("n")).subquery()))
 # The new id: above every id handed out (db.BATCH_IDS_HANDED_OUT_SQL: the table's highest, a rebuild's floor).
 _NEW_BATCH = Prepared.of(sa.insert(B).values(
     id=sa.literal_column(f"(SELECT {BATCH_IDS_HANDED_OUT_SQL}) + 1"), worker_id=p("worker_id"), state=RUNNING,
@@ -137,7 +143,7 @@ _FINISH = Prepared.of(sa.update(B).where(*_FENCE)
                       .values(state=p("state"), finished_at=p("now"), error=p("error")))
 _PROVENANCE = Prepared.of(sa.update(B).where(B.id == p("batch_id"))
                           .values(model=p("model"), dorado_version=p("dorado_version"), gpus=p("gpus")))
-HOT_PATH = (_EVENT, _OWNER, _TOUCH, _LIVE, _PENDING, _PENDING_OF_KEY, _NEW_BATCH,
+HOT_PATH = (_EVENT, _OWNER, _TOUCH, _LIVE, _PENDING, _PENDING_OF_KEY, _QUEUED, _NEW_BATCH,
             _TAKE_FILE, _BEAT, _BATCH_FILES, _BATCH_FILES_BY_ID, _BATCH_FILES_BY_REL, _FILE_DONE, _OUTPUT, _FINISH,
             _PROVENANCE)
 
@@ -257,10 +263,17 @@ def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: boo
     A file marked `isolate` (it failed on its own account) is claimed alone, so a bad file cannot fail its
     batch-mates again. With a byte target, once it has shrunk the largest files go first (TAIL_LARGEST_FIRST).
     """
+    return _choose(pending, batch_files, batch_bytes, live_workers, exhausted)[0]
+
+
+def _choose(pending, batch_files, batch_bytes, live_workers, exhausted: bool) -> tuple[list, bool]:
+    """`choose_batch`, and whether the batch is complete: False when it ran out of rows before its target (rows
+    after `pending` could still join it), True when a row stopped it (target reached, the next row too big,
+    an isolated file)."""
     if not pending:
-        return []
+        return [], False
     if pending[0].isolate:
-        return [pending[0]]
+        return [pending[0]], True
     share = 2 * max(1, live_workers)
     if batch_files is not None:
         remaining = len(pending)
@@ -281,15 +294,13 @@ def choose_batch(pending, batch_files, batch_bytes, live_workers, exhausted: boo
     for row in pending:
         if row.chemistry != chemistry:
             continue
-        if row.isolate:
-            break
-        if chosen and total + key(row) > target:
-            break
+        if row.isolate or (chosen and total + key(row) > target):
+            return chosen, True
         chosen.append(row)
         total += key(row)
         if total >= target:
-            break
-    return chosen
+            return chosen, True
+    return chosen, False
 
 
 def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
@@ -301,18 +312,30 @@ def _claim(conn, where: str, worker_id: str, settings, now: float) -> Claim | No
     """The claim itself, inside a transaction (claim_batch, or publish with claim_next), in the ledger at
     `where` (its path: what this process read and wrote there lately, `_Recent`)."""
     live = _live_workers_lately(conn, where, worker_id, now, settings)
-    # Read only as far ahead as the sizing rule needs: with a file target, whether fewer than
-    # target x share files remain; with a byte target, up to LOOKAHEAD rows. Lean columns and the
-    # driver's own rows: this read is most of a claim's time under the lock.
+    # The batch is chosen from the oldest `lookahead` pending rows (the sizing rule's horizon: with a file
+    # target, whether fewer than target x share files remain; with a byte target, LOOKAHEAD rows), but read
+    # only as far as it needs: first FIRST_ROWS rows, and how many are pending (up to `lookahead`, counted in
+    # SQLite). Where the queue is longer than the horizon and the first rows make a whole batch, that is the
+    # batch the whole horizon gives (a prefix of the same rows in the same order): no more is read. Only the
+    # tail of the run (its sizing needs every pending row) or a batch the first rows cannot fill reads the
+    # whole horizon. Lean rows from the queue index alone (_PENDING_COLUMNS): Python objects for 2,048 rows
+    # were most of a byte-target claim's time under the lock (docs/benchmarks.md).
     lookahead = LOOKAHEAD
     if settings.batch_files is not None:
         lookahead = min(LOOKAHEAD, settings.batch_files * 2 * max(1, live) + 1)
-    pending = _PENDING.rows(conn, n=lookahead)
+    first = min(FIRST_ROWS, lookahead)
+    pending = _PENDING.rows(conn, n=first)
     if not pending:
         return None
-    exhausted = len(pending) < lookahead
-    chosen = choose_batch(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
-    if not exhausted and not chosen[0].isolate and any(r.chemistry != chosen[0].chemistry for r in pending):
+    exhausted = len(pending) < first or (
+        first < lookahead and _QUEUED.run(conn, n=lookahead).fetchone()[0] < lookahead)
+    if exhausted and len(pending) == first:
+        pending = _PENDING.rows(conn, n=lookahead)  # the tail: every pending row
+    chosen, complete = _choose(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
+    if not complete and not exhausted and len(pending) < lookahead:
+        pending = _PENDING.rows(conn, n=lookahead)  # the first rows could not fill it: the whole horizon
+        chosen, complete = _choose(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
+    if not complete and not exhausted and any(r.chemistry != chosen[0].chemistry for r in pending):
         # A long queue holds other chemistries too: fill the batch from this chemistry's own rows. (When
         # every row read is of this chemistry, they are already its first rows: no second read.)
         same = _PENDING_OF_KEY.rows(conn, chemistry=chosen[0].chemistry, n=lookahead)

@@ -255,10 +255,70 @@ def test_the_claim_reads_lean_rows_named_after_the_models_from_the_queue_index_a
     def plans(conn):
         return [" ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + stmt.sql, args).fetchall())
                 for stmt, args in ((claim._PENDING, claim._PENDING.args(dict(n=10))),
-                                   (claim._PENDING_OF_KEY, claim._PENDING_OF_KEY.args(dict(chemistry="k", n=10))))]
+                                   (claim._PENDING_OF_KEY, claim._PENDING_OF_KEY.args(dict(chemistry="k", n=10))),
+                                   (claim._QUEUED, claim._QUEUED.args(dict(n=10))))]
 
     for plan in ledger.transact(plans):
         assert "USING COVERING INDEX ix_pod5_files_queue" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def _whole_horizon_batch(conn, settings, live):
+    """The batch as claims chose it before FIRST_ROWS (issue 16): every row of the horizon read, then
+    this chemistry's own rows when other chemistries were among them."""
+    lookahead = claim.LOOKAHEAD
+    if settings.batch_files is not None:
+        lookahead = min(claim.LOOKAHEAD, settings.batch_files * 2 * max(1, live) + 1)
+    pending = claim._PENDING.rows(conn, n=lookahead)
+    if not pending:
+        return None
+    exhausted = len(pending) < lookahead
+    chosen = claim.choose_batch(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
+    if not exhausted and not chosen[0].isolate and any(r.chemistry != chosen[0].chemistry for r in pending):
+        same = claim._PENDING_OF_KEY.rows(conn, chemistry=chosen[0].chemistry, n=lookahead)
+        chosen = claim.choose_batch(same, settings.batch_files, settings.batch_bytes, live, exhausted=False)
+    return [r.id for r in chosen]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("target", [dict(batch_bytes=20 * 1024**3), dict(batch_files=40)])
+def test_a_claim_reading_its_first_rows_takes_the_batch_the_whole_horizon_gives(make_ledger, seed, target):
+    """A queue longer than the horizon, random: three chemistries in runs (even seeds) or interleaved (odd),
+    sizes from 5 MB to 8 GB (seeds 0 and 1 begin with small files, so 20 GiB batches need hundreds of them,
+    more than FIRST_ROWS), isolated files.
+    Claimed until nothing is pending (through the tail), every claim takes exactly the files, in order, that
+    reading the whole horizon gave."""
+    import random
+
+    rng = random.Random(seed)
+    n = claim.LOOKAHEAD + 700
+    small = seed < 2  # the first half of the queue small files: a 20 GiB batch needs hundreds of them
+    sizes = [int(rng.uniform(5e6, 60e6) if small and i < n // 2 else math.exp(rng.uniform(math.log(5e6), math.log(8e9))))
+             for i in range(n)]
+    ledger, settings = make_ledger(sizes=sizes, **target)
+    keys, key = [], rng.choice(KEYS)
+    for _ in range(n):
+        if rng.random() < (0.3 if seed % 2 else 0.02):  # interleaved, or in runs as sequencing writes them
+            key = rng.choice(KEYS)
+        keys.append(key)
+    isolate = {i + 1 for i in range(n) if rng.random() < 0.02}
+
+    def shape(conn):
+        for i, k in enumerate(keys):
+            conn.execute(sa.update(Pod5File).where(Pod5File.id == i + 1).values(chemistry=k, isolate=i + 1 in isolate))
+
+    ledger.transact(shape)
+    claim.register_worker(ledger, "w@h", "h", 1, None)
+    claims = 0
+    while True:
+        expected = ledger.transact(lambda conn: _whole_horizon_batch(conn, settings, live=1))
+        c = claim.claim_batch(ledger, "w@h", settings)
+        if expected is None:
+            assert c is None
+            break
+        assert [f.id for f in c.files] == expected, f"claim {claims}"
+        claims += 1
+    assert sum(1 for f in files(ledger).values() if f.state == models.CLAIMED) == n
+    assert claims > 40
 
 
 def test_tail_batches_shrink_over_all_chemistries_not_per_chemistry():
