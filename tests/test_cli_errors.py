@@ -340,7 +340,7 @@ def test_doctor_on_a_missing_ledger_still_checks_the_folder_and_leaves_nothing(t
     result = invoke("doctor", "--ledger", tmp_path / "none.db")
     assert result.exit_code == 4
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
-        "ok    mount", "ok    lock", "ok    clock", "FAIL  ledger"]
+        "ok    sqlite", "ok    mount", "ok    lock", "ok    clock", "FAIL  ledger"]
     assert list(tmp_path.iterdir()) == []
 
 
