@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fill import add_files, new_ledger  # noqa: E402
-from claim import HoldTimedLedger  # noqa: E402  (bench/claim.py: a Ledger that times each lock hold)
+from claim import FILE_BYTES, HoldTimedLedger  # noqa: E402  (bench/claim.py: a Ledger that times each lock hold)
 
 from ledgerbc import claim, db, prepared  # noqa: E402
 from ledgerbc.claim import FileResult  # noqa: E402
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                          "up to claim.LOOKAHEAD pending rows); the files are 50 MB each")
     ap.add_argument("--variant", default="", help="SQL statements (;-separated) run on the bench ledger first")
     args = ap.parse_args(argv)
-    per_batch = args.batch if args.batch_bytes is None else max(1, args.batch_bytes // 50_000_000)
+    per_batch = args.batch if args.batch_bytes is None else max(1, args.batch_bytes // FILE_BYTES)
     if args.files < per_batch * (args.transactions + 1) + (0 if args.batch_bytes is None else claim.LOOKAHEAD):
         raise SystemExit("--files must exceed --batch x (--transactions + 1): the queue must not run dry")
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         path = folder / "ledgerbc.db"
         new_ledger(path, folder / "input", folder / "output", batch_files=None if args.batch_bytes else args.batch,
                    batch_bytes=args.batch_bytes)
-        add_files(db.Ledger(path), [50_000_000] * args.files)
+        add_files(db.Ledger(path), [FILE_BYTES] * args.files)
         if args.variant:
             with contextlib.closing(sqlite3.connect(path)) as conn:
                 for sql in filter(None, (x.strip() for x in args.variant.split(";"))):

@@ -303,6 +303,14 @@ def _choose(pending, batch_files, batch_bytes, live_workers, exhausted: bool) ->
     return chosen, False
 
 
+def horizon(settings, live_workers: int) -> int:
+    """How many of the oldest pending rows the batch is chosen from: with a file target, enough to tell
+    whether fewer than target x share files remain (choose_batch's tail rule); with a byte target, LOOKAHEAD."""
+    if settings.batch_files is None:
+        return LOOKAHEAD
+    return min(LOOKAHEAD, settings.batch_files * 2 * max(1, live_workers) + 1)
+
+
 def claim_batch(ledger, worker_id: str, settings) -> Claim | None:
     """Atomically claim the next batch of pending files for `worker_id`; None when nothing is pending."""
     return ledger.transact(lambda conn: _claim(conn, str(ledger.path), worker_id, settings, _now(ledger)))
@@ -312,17 +320,14 @@ def _claim(conn, where: str, worker_id: str, settings, now: float) -> Claim | No
     """The claim itself, inside a transaction (claim_batch, or publish with claim_next), in the ledger at
     `where` (its path: what this process read and wrote there lately, `_Recent`)."""
     live = _live_workers_lately(conn, where, worker_id, now, settings)
-    # The batch is chosen from the oldest `lookahead` pending rows (the sizing rule's horizon: with a file
-    # target, whether fewer than target x share files remain; with a byte target, LOOKAHEAD rows), but read
-    # only as far as it needs: first FIRST_ROWS rows, and how many are pending (up to `lookahead`, counted in
+    # The batch is chosen from the oldest `lookahead` pending rows (`horizon`), but read only as far as it
+    # needs: first FIRST_ROWS rows, and how many are pending (up to `lookahead`, counted in
     # SQLite). Where the queue is longer than the horizon and the first rows make a whole batch, that is the
     # batch the whole horizon gives (a prefix of the same rows in the same order): no more is read. Only the
     # tail of the run (its sizing needs every pending row) or a batch the first rows cannot fill reads the
     # whole horizon. Lean rows from the queue index alone (_PENDING_COLUMNS): Python objects for 2,048 rows
     # were most of a byte-target claim's time under the lock (docs/benchmarks.md).
-    lookahead = LOOKAHEAD
-    if settings.batch_files is not None:
-        lookahead = min(LOOKAHEAD, settings.batch_files * 2 * max(1, live) + 1)
+    lookahead = horizon(settings, live)
     first = min(FIRST_ROWS, lookahead)
     pending = _PENDING.rows(conn, n=first)
     if not pending:

@@ -74,8 +74,7 @@ JOURNAL_MODE = "DELETE"
 # The page size of a new ledger. With 8 KiB the schema fits on page 1, which every transaction reads anyway:
 # a transaction on a fresh connection reads two pages fewer than with SQLite's 4 KiB (the schema's own pages),
 # each a round trip on a network filesystem (docs/benchmarks.md, "One queue index, no id counter, 8 KiB
-# pages"). Ledgers made
-# before keep their 4 KiB pages (a page size changes only by VACUUM); both work alike.
+# pages"). Ledgers made before keep their 4 KiB pages (a page size changes only by VACUUM); both work alike.
 PAGE_SIZE = 8192
 
 _CORRUPT_MARKERS = ("file is not a database", "malformed", "not a database", "file is encrypted")

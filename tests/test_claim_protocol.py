@@ -265,9 +265,7 @@ def test_the_claim_reads_lean_rows_named_after_the_models_from_the_queue_index_a
 def _whole_horizon_batch(conn, settings, live):
     """The batch as claims chose it before FIRST_ROWS (issue 16): every row of the horizon read, then
     this chemistry's own rows when other chemistries were among them."""
-    lookahead = claim.LOOKAHEAD
-    if settings.batch_files is not None:
-        lookahead = min(claim.LOOKAHEAD, settings.batch_files * 2 * max(1, live) + 1)
+    lookahead = claim.horizon(settings, live)
     pending = claim._PENDING.rows(conn, n=lookahead)
     if not pending:
         return None
@@ -302,11 +300,8 @@ def test_a_claim_reading_its_first_rows_takes_the_batch_the_whole_horizon_gives(
         keys.append(key)
     isolate = {i + 1 for i in range(n) if rng.random() < 0.02}
 
-    def shape(conn):
-        for i, k in enumerate(keys):
-            conn.execute(sa.update(Pod5File).where(Pod5File.id == i + 1).values(chemistry=k, isolate=i + 1 in isolate))
-
-    ledger.transact(shape)
+    set_chemistry(ledger, keys)  # row i gets keys[i]
+    ledger.transact(lambda conn: conn.execute(sa.update(Pod5File).where(Pod5File.id.in_(sorted(isolate))).values(isolate=True)))
     claim.register_worker(ledger, "w@h", "h", 1, None)
     claims = 0
     while True:
