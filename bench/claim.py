@@ -20,14 +20,21 @@ smallest write transaction our rules allow, one UPDATE, same lock, same frame, s
 same place), as a ratio: assignments/s / ceiling transactions/s. For each place and process count the
 ceiling runs right before and right after the claim configurations, and the ratio uses the mean of the two
 (both are printed, so drift from other load shows). Also printed: p99 claim latency with 32 processes
-against p99 with 8 (fairness under contention), and the median lock hold of a claim against the ceiling's.
+against p99 with 8 (fairness under contention) next to the same ratio of the ceiling's own transactions (the
+same lock and hand-off: what four times the waiters cost the smallest transaction), and the median lock hold
+of a claim against the ceiling's.
 
 Where: a fresh folder under /tmp (local disk) and, when LEDGERBC_TEST_GLUSTER_A and
 LEDGERBC_TEST_GLUSTER_B are set (or listed in /run/ledgerbc-ci/env: two mounts of one GlusterFS volume,
 ci/cluster-up.sh), on that volume with half the processes reaching the ledger through each mount.
 
     .venv/bin/python bench/claim.py [--seconds 5] [--procs 8,32] [--batches 1,40,1G] [--where local,gluster]
-                                    [--json out.json] [--also-separate]
+                                    [--json out.json] [--also-separate] [--also-keep-connection]
+
+`--also-keep-connection` (local disk only) is a what-if, not how ledgerbc runs: each configuration again with
+every worker keeping one SQLite connection between transactions (rows `local/keep`), which shows what DESIGN
+§4's fresh connection per transaction costs the claim (its schema parsed and its statements compiled anew
+each time) against the same ceiling, which opens a fresh connection as the rules say.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+
+import sqlalchemy.pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fill import add_files, machine, new_ledger, pct  # noqa: E402
@@ -79,7 +88,13 @@ class HoldTimedLedger(db.Ledger):
                 self.holds.append(time.perf_counter() - t0)
 
 
-def worker(index: int, barrier, ledger_path: str, worker_id: str, seconds: float, separate: bool) -> dict:
+def worker(index: int, barrier, ledger_path: str, worker_id: str, seconds: float, separate: bool,
+           keep_connection: bool = False) -> dict:
+    if keep_connection:
+        # The what-if of --also-keep-connection, in this forked process only: db.make_engine's pool keeps its one
+        # connection between transactions (schema parsed once, statements compiled once) instead of opening a
+        # fresh one per transaction as DESIGN §4 requires. Not how ledgerbc runs; unsafe on a network filesystem.
+        db.NullPool = sqlalchemy.pool.StaticPool
     ledger = HoldTimedLedger(ledger_path)
     settings = ledger.read_settings()
     claim.register_worker(ledger, worker_id, socket.gethostname(), os.getpid(), None)
@@ -115,7 +130,8 @@ def worker(index: int, barrier, ledger_path: str, worker_id: str, seconds: float
             "hold_ms": [1000 * h for h in ledger.holds]}
 
 
-def run_config(where: str, mounts, procs: int, batch: str, n_files: int, seconds: float, separate: bool = False) -> dict:
+def run_config(where: str, mounts, procs: int, batch: str, n_files: int, seconds: float, separate: bool = False,
+               keep_connection: bool = False) -> dict:
     """One configuration on a new ledger (through each mount in turn when there are two)."""
     with bench_folders(mounts, "ledgerbc-claim") as folders:
         ledger_path = folders[0] / "ledgerbc.db"
@@ -130,15 +146,16 @@ def run_config(where: str, mounts, procs: int, batch: str, n_files: int, seconds
                 raise SystemExit(f"{paths[-1]} is not visible through the second mount")
             time.sleep(0.1)
         load_before = load()
-        results = run_workers(worker, procs, lambda i: (str(paths[i]), f"bench{i:02d}@{where}", seconds, separate),
-                              folders[0], seconds + 600)
+        results = run_workers(worker, procs, lambda i: (str(paths[i]), f"bench{i:02d}@{where}", seconds, separate,
+                                                        keep_connection), folders[0], seconds + 600)
     claims = [x for r in results for x in r["claim_ms"]]
     publishes = [x for r in results for x in r["publish_ms"]]
     holds = [x for r in results for x in r["hold_ms"]]
     files = sum(r["files"] for r in results)
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {
-        "where": where + ("/2txn" if separate else ""), "procs": procs, "batch": batch, "ledger_files": n_files,
+        "where": where + ("/2txn" if separate else "") + ("/keep" if keep_connection else ""), "procs": procs,
+        "batch": batch, "ledger_files": n_files,
         "seconds": round(wall, 2), "assignments": len(claims), "files": files,
         "assignments_per_s": round(len(claims) / wall, 1), "files_per_s": round(files / wall, 1),
         "claim_p50_ms": round(pct(claims, 50), 1), "claim_p99_ms": round(pct(claims, 99), 1),
@@ -190,8 +207,9 @@ def tails(rows: list[dict]) -> list[str]:
             continue
         lo, hi = min(by_procs), max(by_procs)
         a, b = by_procs[lo]["claim_p99_ms"], by_procs[hi]["claim_p99_ms"]
+        ca, cb = by_procs[lo]["ceiling"]["p99_ms"], by_procs[hi]["ceiling"]["p99_ms"]
         out.append(f"{where:<12} batch {batch:>3}: p99 {b:.1f} ms with {hi} processes vs {a:.1f} ms with {lo}: "
-                   f"{b / a:.2f}x (processes {hi / lo:.0f}x)")
+                   f"{b / a:.2f}x (processes {hi / lo:.0f}x; the ceiling's own: {cb / ca:.2f}x)")
     return out
 
 
@@ -204,6 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--where", default="local,gluster", help="local and/or gluster (gluster needs the env vars)")
     ap.add_argument("--ceiling-frame", default="split", choices=("split", "inside"),
                     help="the ceiling's frame (bench/ceiling.py); split is what db.Ledger.transact does")
+    ap.add_argument("--also-keep-connection", action="store_true",
+                    help="local disk only: also run each configuration with every worker keeping one SQLite "
+                         "connection between transactions (a what-if: what DESIGN §4's fresh connection per "
+                         "transaction costs; not how ledgerbc runs)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--also-separate", action="store_true",
                     help="also run each configuration with claim and publish as two transactions (how workers "
@@ -219,11 +241,13 @@ def main(argv=None) -> int:
             print(f"  {where} procs={procs}: ceiling {before['tx_per_s']} tx/s (p99 {before['p99_ms']} ms)", flush=True)
             group = []
             for batch in args.batches.split(","):
-                for separate in ([False, True] if args.also_separate else [False]):
+                variants = [(False, False)] + [(True, False)] * args.also_separate
+                variants += [(False, True)] * (args.also_keep_connection and where == "local")
+                for separate, keep in variants:
                     per_batch = batch_target(batch)[2]
                     rate = 1000 if per_batch == 1 else 300  # generous upper guesses of assignments/s
                     n = ledger_files(per_batch, procs, args.seconds, rate)
-                    row = run_config(where, mounts, procs, batch, n, args.seconds, separate)
+                    row = run_config(where, mounts, procs, batch, n, args.seconds, separate, keep)
                     group.append(row)
                     print(f"  {row['where']} procs={procs} batch={batch}: {row['assignments_per_s']} assignments/s, "
                           f"claim p50 {row['claim_p50_ms']} ms, p99 {row['claim_p99_ms']} ms", flush=True)
