@@ -6,7 +6,10 @@ One process (no contention) runs `--transactions` publish + claim transactions o
 (`ledgerbc/prepared.py`) it reads this process's `syscr`/`syscw` from /proc/self/io: SQLite journals a page
 the first time a transaction dirties it (three `pwrite`s), so the writes say which statement dirtied how
 many pages. Printed: the calls and lock hold per transaction, then per statement (time, calls per
-transaction, reads, writes), slowest first. `--variant "SQL;SQL"` changes the bench ledger's schema first
+transaction, reads, writes), slowest first. Before that pass, as many transactions again with nothing but
+the phases of each lock hold timed (begin: BEGIN IMMEDIATE and the pragmas, where a fresh connection parses
+the schema; work; commit; release), and the schema parse of a fresh connection to this ledger against the
+ceiling's one-table database. `--variant "SQL;SQL"` changes the bench ledger's schema first
 (e.g. a partial index) to see what a migration would buy before writing one. docs/benchmarks.md has a run.
 
     .venv/bin/python bench/claim_pages.py [--where /tmp] [--transactions 300] [--batch 1] [--files 3000]
@@ -27,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fill import add_files, new_ledger  # noqa: E402
+from ceiling import make_db  # noqa: E402
 from claim import FILE_BYTES, HoldTimedLedger  # noqa: E402  (bench/claim.py: a Ledger that times each lock hold)
 
 from ledgerbc import claim, db, prepared  # noqa: E402
@@ -77,6 +81,56 @@ def instrument() -> dict:
     return stats
 
 
+def time_phases(ledger) -> dict:
+    """Time each lock hold's phases from now on: begin (lock taken -> BEGIN IMMEDIATE and the pragmas checked: on a
+    fresh connection this is where SQLite parses the schema), work (the statements and the Python between them),
+    commit, release (COMMIT done -> lock released). Returns {phase: [seconds]}."""
+    phases: dict = collections.defaultdict(list)
+    stamp: dict = {}
+    held = ledger.locked
+
+    @contextlib.contextmanager
+    def locked():
+        with held():
+            stamp["locked"] = time.perf_counter()
+            yield
+        phases["release"].append(time.perf_counter() - stamp["committed"])
+
+    check = db.check_pragmas
+
+    def check_pragmas(dbapi_conn):
+        check(dbapi_conn)
+        stamp["begun"] = time.perf_counter()
+        phases["begin"].append(stamp["begun"] - stamp["locked"])
+
+    dialect = ledger._get_engine().dialect
+    commit = dialect.do_commit
+
+    def do_commit(dbapi_conn):
+        t = time.perf_counter()
+        phases["work"].append(t - stamp["begun"])
+        commit(dbapi_conn)
+        stamp["committed"] = time.perf_counter()
+        phases["commit"].append(stamp["committed"] - t)
+
+    ledger.locked, db.check_pragmas, dialect.do_commit = locked, check_pragmas, do_commit
+    return phases
+
+
+def schema_parse_ms(path: Path, times: int = 500) -> float:
+    """Median ms of BEGIN IMMEDIATE + `PRAGMA journal_mode` on a fresh connection to `path`: the first statement
+    that needs the schema, so SQLite reads and parses all of it (every table, index and trigger)."""
+    spent = []
+    for _ in range(times):
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"PRAGMA journal_mode={db.JOURNAL_MODE}").fetchall()
+            spent.append(time.perf_counter() - t0)
+            conn.execute("ROLLBACK")
+    return statistics.median(spent) * 1000
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--where", type=Path, default=Path("/tmp"), help="folder for the bench ledger")
@@ -89,8 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", default="", help="SQL statements (;-separated) run on the bench ledger first")
     args = ap.parse_args(argv)
     per_batch = args.batch if args.batch_bytes is None else max(1, args.batch_bytes // FILE_BYTES)
-    if args.files < per_batch * (args.transactions + 1) + (0 if args.batch_bytes is None else claim.LOOKAHEAD):
-        raise SystemExit("--files must exceed --batch x (--transactions + 1): the queue must not run dry")
+    if args.files < per_batch * (2 * args.transactions + 1) + (0 if args.batch_bytes is None else claim.LOOKAHEAD):
+        raise SystemExit("--files must exceed --batch x (2 x --transactions + 1): the queue must not run dry")
 
     folder = args.where / f"ledgerbc-claim-pages-{os.getpid()}"
     folder.mkdir()
@@ -108,14 +162,27 @@ def main(argv=None) -> int:
         settings = ledger.read_settings()
         claim.register_worker(ledger, "bench@pages", socket.gethostname(), os.getpid(), None)
         c = claim.claim_batch(ledger, "bench@pages", settings)
+        n = args.transactions
+
+        def publish_and_claim(c):
+            for _ in range(n):
+                results = [FileResult(f.rel, ok=True, reads_pass=1) for f in c.files]
+                c = claim.publish(ledger, c, results, None, settings.max_attempts, claim_next=settings)
+            return c
+
+        # First the phases of the lock hold, with nothing else measured; then the same again statement by statement.
+        timed = time_phases(ledger)
+        c = publish_and_claim(c)
+        phases = {k: list(v) for k, v in timed.items()}  # the timers stay in place: the pass below is not these
+        parse = schema_parse_ms(path)
+        plain = folder / "ceiling.db"  # what the ceiling's fresh connection parses (bench/ceiling.py)
+        make_db(plain, 1)
+        parse_plain = schema_parse_ms(plain)
         stats = instrument()
         ledger.holds.clear()
-        n = args.transactions
         r0, w0 = io_calls()
         t0 = time.perf_counter()
-        for _ in range(n):
-            results = [FileResult(f.rel, ok=True, reads_pass=1) for f in c.files]
-            c = claim.publish(ledger, c, results, None, settings.max_attempts, claim_next=settings)
+        c = publish_and_claim(c)
         wall = time.perf_counter() - t0
         r1, w1 = io_calls()
     finally:
@@ -127,6 +194,11 @@ def main(argv=None) -> int:
           + (f", variant {args.variant!r}" if args.variant else ""))
     print(f"per transaction: {wall / n * 1000:.2f} ms, lock hold median {statistics.median(ledger.holds) * 1000:.2f} ms, "
           f"read calls {(r1 - r0 - 2 * own) / n:.1f}, write calls {(w1 - w0) / n:.1f}")
+    print("lock hold by phase, medians of the first pass (no statement timed): "
+          + ", ".join(f"{k} {statistics.median(v) * 1000:.3f} ms" for k, v in phases.items())
+          + f"; hold {sum(statistics.median(v) for v in phases.values()) * 1000:.3f} ms")
+    print(f"schema parse of a fresh connection (BEGIN IMMEDIATE + journal_mode): this ledger {parse:.3f} ms, "
+          f"a one-table database {parse_plain:.3f} ms")
     print(f"{'ms/txn':>8} {'calls':>6} {'reads':>6} {'writes':>7}  statement")
     for sql, (seconds, calls, reads, writes) in sorted(stats.items(), key=lambda kv: -kv[1][0]):
         print(f"{seconds / n * 1000:8.3f} {calls / n:6.1f} {reads / n:6.1f} {writes / n:7.1f}  {sql}")
