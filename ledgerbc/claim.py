@@ -28,8 +28,8 @@ from .models import CLAIMED, DONE, FAILED, PENDING, RUNNING, Batch, Event, Outpu
 from .prepared import Prepared, p
 
 LOOKAHEAD = 2048  # pending rows read per claim: enough to size the batch, cheap on a 1M-file ledger
-# Rows a claim reads first: a whole batch in most studies (20 GiB of pod5 files of 0.3 GB and more). Only a
-# batch that needs more, or the tail of the run, reads LOOKAHEAD rows (`_claim`).
+# Rows a claim reads first. A batch that needs more reads on, twice as many rows again each time, up to
+# LOOKAHEAD; only the tail of the run reads LOOKAHEAD rows at once (`_claim`).
 FIRST_ROWS = 64
 TAIL_LARGEST_FIRST = True  # byte-target batches: largest files first once the target shrinks (choose_batch)
 
@@ -103,6 +103,8 @@ _LIVE = Prepared.of(sa.select(sa.func.count()).select_from(W)
 # Only columns of the queue index (models.Pod5File): the read of up to LOOKAHEAD rows is the index alone.
 _PENDING_COLUMNS = (P.id, P.size, P.isolate, P.chemistry)
 _PENDING = Prepared.of(sa.select(*_PENDING_COLUMNS).where(P.state == PENDING).order_by(P.id).limit(p("n")))
+_PENDING_AFTER = Prepared.of(sa.select(*_PENDING_COLUMNS).where(P.state == PENDING, P.id > p("after"))
+                             .order_by(P.id).limit(p("n")))
 _PENDING_OF_KEY = Prepared.of(sa.select(*_PENDING_COLUMNS)
                               .where(P.state == PENDING, P.chemistry.is_(p("chemistry"))).order_by(P.id).limit(p("n")))
 # How many files are pending, counted up to n inside SQLite (no row reaches Python).
@@ -143,7 +145,7 @@ _FINISH = Prepared.of(sa.update(B).where(*_FENCE)
                       .values(state=p("state"), finished_at=p("now"), error=p("error")))
 _PROVENANCE = Prepared.of(sa.update(B).where(B.id == p("batch_id"))
                           .values(model=p("model"), dorado_version=p("dorado_version"), gpus=p("gpus")))
-HOT_PATH = (_EVENT, _OWNER, _TOUCH, _LIVE, _PENDING, _PENDING_OF_KEY, _QUEUED, _NEW_BATCH,
+HOT_PATH = (_EVENT, _OWNER, _TOUCH, _LIVE, _PENDING, _PENDING_AFTER, _PENDING_OF_KEY, _QUEUED, _NEW_BATCH,
             _TAKE_FILE, _BEAT, _BATCH_FILES, _BATCH_FILES_BY_ID, _BATCH_FILES_BY_REL, _FILE_DONE, _OUTPUT, _FINISH,
             _PROVENANCE)
 
@@ -322,10 +324,11 @@ def _claim(conn, where: str, worker_id: str, settings, now: float) -> Claim | No
     live = _live_workers_lately(conn, where, worker_id, now, settings)
     # The batch is chosen from the oldest `lookahead` pending rows (`horizon`), but read only as far as it
     # needs: first FIRST_ROWS rows, and how many are pending (up to `lookahead`, counted in
-    # SQLite). Where the queue is longer than the horizon and the first rows make a whole batch, that is the
-    # batch the whole horizon gives (a prefix of the same rows in the same order): no more is read. Only the
-    # tail of the run (its sizing needs every pending row) or a batch the first rows cannot fill reads the
-    # whole horizon. Lean rows from the queue index alone (_PENDING_COLUMNS): Python objects for 2,048 rows
+    # SQLite). Where the queue is longer than the horizon and the rows read make a whole batch, that is the
+    # batch the whole horizon gives (a prefix of the same rows in the same order): no more is read. A batch
+    # the rows read cannot fill reads on after the last of them, as many rows again each time, until it is
+    # whole or the horizon is read; the tail of the run (its sizing needs every pending row) reads the whole
+    # horizon at once. Lean rows from the queue index alone (_PENDING_COLUMNS): Python objects for 2,048 rows
     # were most of a byte-target claim's time under the lock (docs/benchmarks.md).
     lookahead = horizon(settings, live)
     first = min(FIRST_ROWS, lookahead)
@@ -337,8 +340,11 @@ def _claim(conn, where: str, worker_id: str, settings, now: float) -> Claim | No
     if exhausted and len(pending) == first:
         pending = _PENDING.rows(conn, n=lookahead)  # the tail: every pending row
     chosen, complete = _choose(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
-    if not complete and not exhausted and len(pending) < lookahead:
-        pending = _PENDING.rows(conn, n=lookahead)  # the first rows could not fill it: the whole horizon
+    while not complete and not exhausted and len(pending) < lookahead:
+        more = _PENDING_AFTER.rows(conn, after=pending[-1].id, n=min(len(pending), lookahead - len(pending)))
+        if not more:  # cannot happen: the queue was counted at `lookahead` or more in this transaction
+            break
+        pending += more
         chosen, complete = _choose(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
     if not complete and not exhausted and any(r.chemistry != chosen[0].chemistry for r in pending):
         # A long queue holds other chemistries too: fill the batch from this chemistry's own rows. (When
