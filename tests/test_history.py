@@ -50,8 +50,10 @@ def test_history(seed, tmp_path):
 
 # Seeds past the first 500 that failed on code the 500-history soak passed: `recover` on a full disk, where a
 # reclaim writes a missing summary (564: a traceback instead of the one-line storage-full error); a folder linked
-# after a rebuild by a worker of the lost ledger, kept forever (510; minimised in the named test below).
-@pytest.mark.parametrize("seed", [510, 564])
+# after a rebuild by a worker of the lost ledger, kept forever (510; minimised in the named test below); a worker
+# frozen while its dorado ran on a full disk, where the in-process stand-in raised the write error into the
+# harness instead of ending with status 1 as the executable does (2604: the harness crashed).
+@pytest.mark.parametrize("seed", [510, 564, 2604])
 def test_history_found_past_the_soak(seed, tmp_path):
     _assert_ok(history.run_seed(seed, tmp_path / "study"))
 

@@ -35,6 +35,7 @@ import resource
 import signal
 import sys
 import time
+import traceback
 import uuid
 
 import pod5
@@ -412,7 +413,9 @@ def basecall_in_process(argv: list[str], bam_path, log_path) -> int:
     For test harnesses that basecall thousands of tiny batches (tests/history.py): the same records, log lines
     and exit status as the executable, without a Python start-up per call. Not for the knobs that end the
     process (LEDGERBC_SIM_CRASH, LEDGERBC_SIM_HANG, an invalid sample sheet): use the executable for those.
-    Not thread-safe (the log goes through a module global).
+    Not thread-safe (the log goes through a module global). An error the executable would die of (a full disk
+    under its BAM: `OSError` from htslib) ends the call as it ends the process: the traceback in the log (the
+    executable's stderr) and exit status 1, not an exception in the caller.
     """
     global _LOG_TO
     with open(log_path, "a", encoding="utf-8") as stream:
@@ -420,6 +423,9 @@ def basecall_in_process(argv: list[str], bam_path, log_path) -> int:
         try:
             log("info", "Running: " + " ".join(f'"{a}"' for a in argv))
             return basecaller(argv, output=str(bam_path))
+        except Exception:
+            stream.write(traceback.format_exc())
+            return 1  # Python's exit status for an uncaught exception
         finally:
             _LOG_TO = None
 
