@@ -240,9 +240,9 @@ def main(argv=None) -> int:
             ceilings.append(before)
             print(f"  {where} procs={procs}: ceiling {before['tx_per_s']} tx/s (p99 {before['p99_ms']} ms)", flush=True)
             group = []
+            variants = [(False, False)] + [(True, False)] * args.also_separate  # (separate, keep_connection)
+            variants += [(False, True)] * (args.also_keep_connection and where == "local")
             for batch in args.batches.split(","):
-                variants = [(False, False)] + [(True, False)] * args.also_separate
-                variants += [(False, True)] * (args.also_keep_connection and where == "local")
                 for separate, keep in variants:
                     per_batch = batch_target(batch)[2]
                     rate = 1000 if per_batch == 1 else 300  # generous upper guesses of assignments/s

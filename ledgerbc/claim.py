@@ -29,7 +29,7 @@ from .prepared import Prepared, p
 
 LOOKAHEAD = 2048  # pending rows read per claim: enough to size the batch, cheap on a 1M-file ledger
 # Rows a claim reads first. A batch that needs more reads on, twice as many rows again each time, up to
-# LOOKAHEAD; only the tail of the run reads LOOKAHEAD rows at once (`_claim`).
+# LOOKAHEAD; the tail of the run reads on to LOOKAHEAD at once (`_claim`).
 FIRST_ROWS = 64
 TAIL_LARGEST_FIRST = True  # byte-target batches: largest files first once the target shrinks (choose_batch)
 
@@ -327,8 +327,8 @@ def _claim(conn, where: str, worker_id: str, settings, now: float) -> Claim | No
     # SQLite). Where the queue is longer than the horizon and the rows read make a whole batch, that is the
     # batch the whole horizon gives (a prefix of the same rows in the same order): no more is read. A batch
     # the rows read cannot fill reads on after the last of them, as many rows again each time, until it is
-    # whole or the horizon is read; the tail of the run (its sizing needs every pending row) reads the whole
-    # horizon at once. Lean rows from the queue index alone (_PENDING_COLUMNS): Python objects for 2,048 rows
+    # whole or the horizon is read; the tail of the run (its sizing needs every pending row) reads on to the
+    # end of the horizon at once. Lean rows from the queue index alone (_PENDING_COLUMNS): Python objects for 2,048 rows
     # were most of a byte-target claim's time under the lock (docs/benchmarks.md).
     lookahead = horizon(settings, live)
     first = min(FIRST_ROWS, lookahead)
@@ -337,8 +337,8 @@ def _claim(conn, where: str, worker_id: str, settings, now: float) -> Claim | No
         return None
     exhausted = len(pending) < first or (
         first < lookahead and _QUEUED.run(conn, n=lookahead).fetchone()[0] < lookahead)
-    if exhausted and len(pending) == first:
-        pending = _PENDING.rows(conn, n=lookahead)  # the tail: every pending row
+    if exhausted and len(pending) == first:  # the tail: every pending row, read on after those already read
+        pending += _PENDING_AFTER.rows(conn, after=pending[-1].id, n=lookahead - len(pending))
     chosen, complete = _choose(pending, settings.batch_files, settings.batch_bytes, live, exhausted)
     while not complete and not exhausted and len(pending) < lookahead:
         more = _PENDING_AFTER.rows(conn, after=pending[-1].id, n=min(len(pending), lookahead - len(pending)))
